@@ -1,0 +1,84 @@
+"""The `saefeat` command line: every command takes `key=value` config overrides."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="SAE features as document representations. Commands take key=value overrides.")
+console = Console(stderr=True)
+Overrides = typer.Argument(None, help="config overrides, e.g. model=smollm2 sae.k=32")
+
+
+def _friendly(fn):
+    """Show bad-input errors as one clear line instead of a traceback (SAEFEAT_DEBUG=1 keeps it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            if os.environ.get("SAEFEAT_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_friendly
+def run(overrides: list[str] = Overrides) -> None:
+    """Run a task: `saefeat run task=earnings model=smollm2 sae.k=32`."""
+    from saefeat.config import load_config
+    from tasks import get_task
+
+    cfg = load_config("tasks", overrides or [])
+    get_task(cfg.task)(cfg)
+
+
+@app.command("train-sae")
+@_friendly
+def train_sae(overrides: list[str] = Overrides) -> None:
+    """Train a TopK SAE: `saefeat train-sae model=minilm layer=3 sae.d_sae=4096 sae.k=32`."""
+    from saefeat.config import load_config
+    from saefeat.sae.training_run import run_training
+
+    run_training(load_config("train", overrides or []))
+
+
+@app.command()
+@_friendly
+def embed(overrides: list[str] = Overrides) -> None:
+    """Embed a corpus: `saefeat embed input=corpus.jsonl text_field=text output=emb.npz`."""
+    from saefeat.config import load_config
+    from saefeat.embed.corpus import embed_file
+
+    embed_file(load_config("embed", overrides or []))
+
+
+@app.command()
+def ui(port: int = typer.Option(5000, help="port of the MLflow UI"),
+       host: str = typer.Option("127.0.0.1", help="address to bind")) -> None:
+    """Start the MLflow UI on the project's store (./mlruns or $MLFLOW_TRACKING_URI)."""
+    from saefeat.tracking import default_tracking_uri
+
+    uri = default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", (Path.cwd() / "mlruns" / "artifacts").as_uri()]
+    console.print(f"MLflow UI on http://{host}:{port} (store: {uri})")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    app()

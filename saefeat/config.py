@@ -1,0 +1,105 @@
+"""YAML configs in configs/ merged with `key=value` overrides (OmegaConf, strict keys)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config name, key or value; the message lists what is valid."""
+
+
+def configs_dir() -> Path:
+    """`$SAEFEAT_CONFIGS`, else ./configs, else the configs/ folder beside the installed package."""
+    env = os.environ.get("SAEFEAT_CONFIGS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    for c in candidates:
+        if (c / "base.yaml").is_file():
+            return c
+    raise ConfigError(f"no configs folder found (looked in {[str(c) for c in candidates]}); set SAEFEAT_CONFIGS")
+
+
+def available(kind: str) -> list[str]:
+    """Names of the YAML files in configs/<kind>/ (kind: tasks, models, train)."""
+    return sorted(p.stem for p in (configs_dir() / kind).glob("*.yaml"))
+
+
+def _load_named(kind: str, name: str) -> DictConfig:
+    path = configs_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind[:-1]} {name!r}; valid: {', '.join(available(kind))}")
+    return OmegaConf.load(path)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """`["a.b=1", "task=x"]` -> {"a.b": "1", "task": "x"}; a token without '=' is an error."""
+    out: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def _valid_keys(cfg: DictConfig, dotted: str) -> str:
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    where = f"under {parent!r}" if parent else "at the top level"
+    return f"valid keys {where}: {', '.join(map(str, keys))}"
+
+
+def apply_overrides(cfg: DictConfig, overrides: dict[str, str]) -> DictConfig:
+    """Merge overrides into a struct config: unknown keys raise a ConfigError listing valid ones."""
+    OmegaConf.set_struct(cfg, True)
+    for key, value in overrides.items():
+        try:
+            merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except (ConfigAttributeError, ConfigKeyError) as e:
+            raise ConfigError(f"unknown config key {key!r}; {_valid_keys(cfg, key)}") from e
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad value for {key!r}: {value!r} ({e.msg if hasattr(e, 'msg') else e})") from e
+        cfg = merged
+        OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Resolved config for a command.
+
+    kind="tasks": base.yaml + tasks/<task>.yaml + models/<model>.yaml under `model` + overrides.
+    kind="train": base.yaml + train/<model>.yaml + overrides (for `train-sae`).
+    """
+    ov = parse_overrides(overrides)
+    base = OmegaConf.load(configs_dir() / "base.yaml")
+    if kind == "tasks":
+        task = ov.pop("task", None) or str(base.get("task"))
+        task_cfg = _load_named("tasks", task)
+        model = ov.pop("model", None) or str(task_cfg.get("model", base.get("model", "minilm")))
+        cfg = OmegaConf.merge(base, task_cfg, {"task": task, "model": _load_named("models", model)})
+    elif kind == "train":
+        model = ov.pop("model", None) or "minilm"
+        train = _load_named("train", model)
+        cfg = OmegaConf.merge(base, train, {"model": _load_named("models", model)})
+    elif kind == "embed":
+        model = ov.pop("model", None) or str(base.get("model", "minilm"))
+        cfg = OmegaConf.merge(base, _load_named("commands", "embed"), {"model": _load_named("models", model)})
+    else:
+        raise ConfigError(f"unknown config kind {kind!r}")
+    cfg = apply_overrides(cfg, ov)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config could not be resolved: {e}") from e
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

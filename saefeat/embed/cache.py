@@ -1,0 +1,105 @@
+"""Content-addressed on-disk cache of per-document token statistics.
+
+Layout: <root>/<settings hash>/settings.json and shard-*.npz files. The settings hash covers the
+host model, layer, SAE hash, windowing and precision; a document is found by the hash of its text.
+Each shard is written atomically (temporary file, then rename) as soon as its documents are done,
+so an interrupted encode keeps every finished shard and the next call resumes after them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from saefeat.atomic import atomic_write
+from saefeat.embed.pooling import TokenStats
+
+_FIELDS = ("sum", "max", "count")
+
+
+def doc_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SAEFEAT_CACHE", Path.home() / ".cache" / "saefeat"))
+
+
+class StatsCache:
+    """Token statistics keyed by document hash, for one combination of settings."""
+
+    def __init__(self, root: str | Path, settings: dict[str, Any]):
+        self.dir = Path(root) / settings_hash(settings)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "settings.json"
+        if not meta.exists():
+            atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2, default=str)))
+        self._index: dict[str, tuple[Path, int]] = {}
+        self._loaded: dict[Path, TokenStats] = {}
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    hashes = z["hashes"]
+            except (OSError, ValueError, KeyError):
+                continue  # an unreadable shard is recomputed, never trusted
+            for row, h in enumerate(hashes.tolist()):
+                self._index[h] = (shard, row)
+
+    def __contains__(self, h: str) -> bool:
+        return h in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, hashes: list[str]) -> TokenStats:
+        """Statistics of cached documents, in the order of `hashes`."""
+        parts = []
+        for h in hashes:
+            shard, row = self._index[h]
+            if shard not in self._loaded:
+                self._loaded[shard] = _read_shard(shard)
+            parts.append(self._loaded[shard].take([row]))
+        return TokenStats.stack(parts)
+
+    def put(self, hashes: list[str], stats: TokenStats) -> None:
+        """Write one shard atomically and index it."""
+        shard = self.dir / f"shard-{uuid.uuid4().hex[:12]}.npz"
+        arrays: dict[str, np.ndarray] = {"hashes": np.array(hashes), "n_tokens": stats.n_tokens}
+        for name in _FIELDS:
+            m = getattr(stats, name)
+            if m is None:
+                continue
+            if sp.issparse(m):
+                m = m.tocsr()
+                arrays |= {f"{name}.data": m.data, f"{name}.indices": m.indices, f"{name}.indptr": m.indptr,
+                           f"{name}.shape": np.array(m.shape)}
+            else:
+                arrays[name] = m
+        atomic_write(shard, lambda tmp: np.savez(tmp, **arrays))
+        self._loaded[shard] = stats
+        for row, h in enumerate(hashes):
+            self._index[h] = (shard, row)
+
+
+def _read_shard(path: Path) -> TokenStats:
+    with np.load(path, allow_pickle=False) as z:
+        fields: dict[str, Any] = {}
+        for name in _FIELDS:
+            if f"{name}.data" in z:
+                fields[name] = sp.csr_matrix((z[f"{name}.data"], z[f"{name}.indices"], z[f"{name}.indptr"]),
+                                             shape=tuple(z[f"{name}.shape"]))
+            elif name in z:
+                fields[name] = z[name]
+        return TokenStats(z["n_tokens"], fields["sum"], fields["max"], fields.get("count"))
+

@@ -1,0 +1,32 @@
+"""The `embed` command: a table file of documents in, a sparse .npz and a row-id file out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from omegaconf import DictConfig
+
+from saefeat.atomic import atomic_write
+from saefeat.data import load_texts
+from saefeat.representations import representation_from_config
+
+
+def embed_file(cfg: DictConfig) -> Path:
+    """Embed `cfg.input` (CSV/JSONL/Parquet) and write `cfg.output` (.npz) plus `<output>.ids.txt`."""
+    texts, ids = load_texts(cfg.input, cfg.text_field, cfg.id_field)
+    if cfg.representation not in ("sae", "dense"):
+        raise ValueError(f"representation must be 'sae' or 'dense', got {cfg.representation!r}")
+    X = representation_from_config(cfg.representation, cfg).fit_transform(texts)
+    out = Path(cfg.output)
+    if out.suffix != ".npz":
+        raise ValueError(f"output must end in .npz, got {out}")
+    if sp.issparse(X):
+        atomic_write(out, lambda tmp: sp.save_npz(tmp, X))
+    else:
+        atomic_write(out, lambda tmp: np.savez(tmp, embeddings=X))
+    ids_path = out.with_suffix(".ids.txt")
+    atomic_write(ids_path, lambda tmp: Path(tmp).write_text("\n".join(ids) + "\n"))
+    print(f"wrote {X.shape[0]} x {X.shape[1]} {cfg.representation} embeddings to {out} (row ids: {ids_path})")
+    return out

@@ -1,0 +1,257 @@
+"""SAEEmbedder: documents -> pooled SAE latents (scipy CSR), in the style of sentence-transformers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from saefeat.data import check_texts
+from saefeat.device import autocast, resolve_device
+from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
+from saefeat.embed.pooling import TokenStats, pool
+from saefeat.embed.windows import Window, split_windows
+from saefeat.hosts import HostModel, load_host
+from saefeat.sae.formats import check_compatible, resolve_sae
+from saefeat.sae.model import SAE
+
+logger = logging.getLogger(__name__)
+
+_HOSTS: dict[tuple[str, str], HostModel] = {}
+
+
+def get_host(name: str, device: str | torch.device | None = None) -> HostModel:
+    """A host model, loaded once per process and device."""
+    dev = resolve_device(device)
+    key = (name, str(dev))
+    if key not in _HOSTS:
+        _HOSTS[key] = load_host(name, device=dev)
+    return _HOSTS[key]
+
+
+@dataclass
+class TokenActivations:
+    """Per-token SAE activations of one document: `acts` is (n_tokens, d_sae) CSR, one row per token."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    acts: sp.csr_matrix
+
+
+class SAEEmbedder:
+    """Encode documents into sparse SAE embeddings.
+
+    Args:
+        model: host alias (`minilm`, `smollm2`), hub id, local folder or GGUF file.
+        sae: `"default"` (the SAE shipped for the host), a folder in any supported layout, or an SAE.
+        layer: block whose residual output is read; defaults to the SAE's own layer.
+        pooling: max, mean, sum, count, binary or topk (see `saefeat.embed.pooling.pool`).
+        k: latents kept per document by `topk` pooling.
+        sae_k: override the k of a TopK SAE at inference.
+        window, overlap: tokens per forward pass (default: the model's context) and shared between windows.
+        max_tokens: explicit cap on tokens read per document (logged when it cuts); None reads everything.
+        keep_special: pool special tokens (CLS/SEP/BOS) too; excluded by default.
+        cache_dir: folder of the on-disk cache (`$SAEFEAT_CACHE` or ~/.cache/saefeat); False disables it.
+    """
+
+    def __init__(self, model: str = "minilm", sae: str | Path | SAE = "default", layer: int | None = None,
+                 pooling: str = "max", device: str | torch.device | None = None, k: int = 64,
+                 sae_k: int | None = None, window: int | None = None, overlap: int = 32,
+                 max_tokens: int | None = None, keep_special: bool = False,
+                 cache_dir: str | Path | bool | None = None):
+        self.host = get_host(model, device)
+        self.device = self.host.device
+        self.sae = resolve_sae(sae, model, self.device)
+        self.layer = self.sae.cfg.layer if layer is None else int(layer)
+        if self.layer is None:
+            raise ValueError("the SAE does not record its layer; pass layer=")
+        self.host.check_layer(self.layer)
+        check_compatible(self.sae, model, self.host.d_model, self.layer)
+        if sae_k is not None:
+            if not self.sae.is_topk:
+                raise ValueError(f"sae_k applies to TopK SAEs only; this is a {self.sae.cfg.architecture} SAE")
+            self.sae.cfg.k = int(sae_k)
+        self.model_name, self.pooling, self.k = model, pooling, k
+        self.window = min(window or self.host.window_capacity, self.host.window_capacity)
+        self.overlap, self.max_tokens, self.keep_special = overlap, max_tokens, keep_special
+        split_windows(0, 1, self.window, self.overlap, self.host.is_causal)  # validates window/overlap early
+        self.cache_root = None if cache_dir is False else Path(cache_dir or default_cache_dir())
+        self._caches: dict[str, StatsCache] = {}
+
+    @property
+    def d_sae(self) -> int:
+        return self.sae.d_sae
+
+    def settings(self, kind: str) -> dict:
+        """Everything that changes the cached statistics of a document."""
+        s = {"kind": kind, "host": self.model_name, "host_fingerprint": self.host.fingerprint, "layer": self.layer,
+             "window": self.window, "overlap": self.overlap, "max_tokens": self.max_tokens,
+             "keep_special": self.keep_special, "precision": "bf16" if self.device.type == "cuda" else "fp32"}
+        if kind == "sae":
+            s |= {"sae": self.sae.content_hash, "sae_k": self.sae.cfg.k}
+        return s
+
+    # ---- public API -------------------------------------------------------------------------
+    def encode(self, docs: Sequence[str], batch_size: int = 32, show_progress_bar: bool | None = None,
+               pooling: str | None = None) -> sp.csr_matrix:
+        """Pooled SAE latents, (n_docs, d_sae) float32 CSR, rows in input order. Empty docs give zero rows."""
+        return pool(self.encode_stats(docs, "sae", batch_size, show_progress_bar), pooling or self.pooling, self.k)
+
+    def encode_dense(self, docs: Sequence[str], pooling: str = "mean", batch_size: int = 32,
+                     show_progress_bar: bool | None = None) -> np.ndarray:
+        """The same layer's dense activations pooled per document, (n_docs, d_model) float32."""
+        return pool(self.encode_stats(docs, "dense", batch_size, show_progress_bar), pooling)
+
+    def encode_tokens(self, doc: str, batch_size: int = 32) -> TokenActivations:
+        """Per-token latent activations of one document with the token strings."""
+        doc = check_texts([doc], field="doc")[0]
+        ids = self._token_ids([doc])[0]
+        rows, cols, vals = [], [], []
+        for _, pos, x in self._token_batches([ids], batch_size):
+            r, c, v = self._encode_sae(x)
+            rows.append(pos[r].cpu())
+            cols.append(c.cpu())
+            vals.append(v.float().cpu())
+        n = len(ids)
+        if rows:
+            acts = sp.csr_matrix((torch.cat(vals).numpy(), (torch.cat(rows).numpy(), torch.cat(cols).numpy())),
+                                 shape=(n, self.d_sae), dtype=np.float32)
+        else:
+            acts = sp.csr_matrix((n, self.d_sae), dtype=np.float32)
+        return TokenActivations(self.host.tokenizer.convert_ids_to_tokens(ids), ids, acts)
+
+    def encode_stats(self, docs: Sequence[str], kind: str = "sae", batch_size: int = 32,
+                     show_progress_bar: bool | None = None) -> TokenStats:
+        """Token statistics per document (cached); every pooling is computed from these."""
+        texts = check_texts(list(docs), field="docs")
+        hashes = [doc_hash(t) for t in texts]
+        cache = self._cache(kind)
+        done: dict[str, TokenStats] = {}
+        todo = list(dict.fromkeys(h for h in hashes if cache is None or h not in cache))
+        if todo:
+            first = {h: t for h, t in zip(reversed(hashes), reversed(texts))}
+            todo.sort(key=lambda h: len(first[h]), reverse=True)
+            if show_progress_bar is None:
+                show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(todo) > 1
+            bar = tqdm(total=len(todo), desc=f"encode {kind}", unit="doc", disable=not show_progress_bar)
+            try:
+                for chunk in _chunks(todo, [len(first[h]) for h in todo]):
+                    stats = self._compute_stats([first[h] for h in chunk], kind, batch_size, bar)
+                    if cache is not None:
+                        cache.put(chunk, stats)
+                    for i, h in enumerate(chunk):
+                        done[h] = stats.take([i])
+            finally:
+                bar.close()
+        parts = [done[h] if h in done else cache.get([h]) for h in hashes] if hashes else []
+        if not parts:
+            width = self.d_sae if kind == "sae" else self.host.d_model
+            empty = sp.csr_matrix((0, width), dtype=np.float32) if kind == "sae" else np.zeros((0, width), np.float32)
+            return TokenStats(np.zeros(0, np.int64), empty, empty, empty if kind == "sae" else None)
+        return TokenStats.stack(parts)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _cache(self, kind: str) -> StatsCache | None:
+        if self.cache_root is None:
+            return None
+        if kind not in self._caches:
+            self._caches[kind] = StatsCache(self.cache_root, self.settings(kind))
+        return self._caches[kind]
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        ids = self.host.tokenize(texts)
+        if self.max_tokens is not None:
+            cut = sum(len(x) > self.max_tokens for x in ids)
+            if cut:
+                logger.warning("max_tokens=%d cut %d of %d documents", self.max_tokens, cut, len(ids))
+            ids = [x[: self.max_tokens] for x in ids]
+        return ids
+
+    def _token_batches(self, docs_ids: list[list[int]], batch_size: int,
+                       bar: tqdm | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (doc index, token position, activation) for every owned token, batch by batch."""
+        windows: list[Window] = []
+        for d, ids in enumerate(docs_ids):
+            windows += split_windows(d, len(ids), self.window, self.overlap, self.host.is_causal)
+        windows.sort(key=lambda w: w.end - w.start, reverse=True)  # similar lengths batch with little padding
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b:b + batch_size]
+            wrapped = [self.host.wrap(docs_ids[w.doc][w.start:w.end]) for w in batch]
+            ids, att = self.host.pad_batch([x for x, _ in wrapped])
+            acts = self.host.residual(ids, att, self.layer)
+            sel_rows, sel_cols, docs, pos = [], [], [], []
+            for i, (w, (_, content)) in enumerate(zip(batch, wrapped)):
+                offset = content.index(True) if True in content else 0  # position of the first content token
+                own = range(offset + w.own_start - w.start, offset + w.own_end - w.start)
+                cols = list(own)
+                if self.keep_special:
+                    cols += [j for j, c in enumerate(content) if not c]
+                sel_rows += [i] * len(cols)
+                sel_cols += cols
+                docs += [w.doc] * len(cols)
+                pos += list(range(w.own_start, w.own_end)) + [-1] * (len(cols) - len(own))
+            dev = acts.device
+            x = acts[torch.tensor(sel_rows, device=dev), torch.tensor(sel_cols, device=dev)]
+            if bar is not None:
+                bar.update(sum((w.own_end - w.own_start) / max(1, len(docs_ids[w.doc])) for w in batch))
+            yield torch.tensor(docs, device=dev), torch.tensor(pos, device=dev), x
+
+    def _encode_sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), autocast(self.device):
+            return self.sae.encode_sparse(x)
+
+    @torch.no_grad()
+    def _compute_stats(self, texts: list[str], kind: str, batch_size: int, bar: tqdm | None) -> TokenStats:
+        docs_ids = self._token_ids(texts)
+        n = len(texts)
+        width = self.d_sae if kind == "sae" else self.host.d_model
+        dev = self.device
+        n_tok = torch.zeros(n, dtype=torch.long, device=dev)
+        total = torch.zeros(n * width, device=dev)
+        peak = torch.zeros(n * width, device=dev) if kind == "sae" else torch.full((n * width,), -torch.inf, device=dev)
+        fires = torch.zeros(n * width, device=dev) if kind == "sae" else None
+        for doc, _, x in self._token_batches(docs_ids, batch_size, bar):
+            n_tok.index_add_(0, doc, torch.ones_like(doc))
+            if kind == "sae":
+                r, c, v = self._encode_sae(x)
+                flat = doc[r] * width + c
+                v = v.float()
+                total.index_add_(0, flat, v)
+                peak.scatter_reduce_(0, flat, v, reduce="amax")
+                fires.index_add_(0, flat, torch.ones_like(v))
+            else:
+                flat = (doc[:, None] * width + torch.arange(width, device=dev)).reshape(-1)
+                total.index_add_(0, flat, x.reshape(-1))
+                peak.scatter_reduce_(0, flat, x.reshape(-1), reduce="amax")
+        n_tokens = n_tok.cpu().numpy()
+        if kind == "sae":
+            count = fires.view(n, width)
+            nz = count.nonzero(as_tuple=True)
+
+            def to_csr(t: torch.Tensor) -> sp.csr_matrix:
+                vals = t.view(n, width)[nz].cpu().numpy().astype(np.float32)
+                return sp.csr_matrix((vals, (nz[0].cpu().numpy(), nz[1].cpu().numpy())), shape=(n, width))
+
+            return TokenStats(n_tokens, to_csr(total), to_csr(peak), to_csr(fires))
+        peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+        return TokenStats(n_tokens, total.view(n, width).cpu().numpy(), peak.view(n, width).cpu().numpy())
+
+
+def _chunks(items: list[str], sizes: list[int], max_chars: int = 400_000, max_docs: int = 512) -> Iterator[list[str]]:
+    """Groups of documents cached together: small enough that an interruption loses little."""
+    chunk: list[str] = []
+    chars = 0
+    for item, size in zip(items, sizes):
+        if chunk and (chars + size > max_chars or len(chunk) >= max_docs):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(item)
+        chars += size
+    if chunk:
+        yield chunk

@@ -1,0 +1,172 @@
+"""scikit-learn transformers over the embedding layer; they clone and pickle without model weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
+from saefeat.embed.embedder import SAEEmbedder, get_host
+
+_EMBEDDERS: dict[tuple, SAEEmbedder] = {}
+
+
+def get_embedder(**settings: Any) -> SAEEmbedder:
+    """An SAEEmbedder shared by every vectorizer with the same settings in this process."""
+    key = tuple(sorted((k, str(v)) for k, v in settings.items()))
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = SAEEmbedder(**settings)
+    return _EMBEDDERS[key]
+
+
+class _LazyModel(TransformerMixin, BaseEstimator):
+    """Holds its model in a private attribute that is rebuilt on demand and never pickled."""
+
+    _model_attr = "_embedder"
+
+    def fit(self, X: Sequence[str], y: Any = None) -> _LazyModel:
+        """Nothing to learn: the representation is fixed by the host model (and SAE)."""
+        self._check_input(X)
+        return self
+
+    @staticmethod
+    def _check_input(X: Any) -> None:
+        if isinstance(X, str):
+            raise ValueError("expected a list of documents, got a single string")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop(self._model_attr, None)
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.string = True
+        tags.input_tags.two_d_array = False
+        tags.requires_fit = False
+        return tags
+
+
+class SAEVectorizer(_LazyModel):
+    """Documents -> pooled SAE latents (CSR). Drops into a Pipeline beside TfidfVectorizer."""
+
+    def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
+                 pooling: str = "max", k: int = 64, sae_k: int | None = None, window: int | None = None,
+                 overlap: int = 32, max_tokens: int | None = None, batch_size: int = 32,
+                 device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None):
+        self.model, self.sae, self.layer, self.pooling, self.k, self.sae_k = model, sae, layer, pooling, k, sae_k
+        self.window, self.overlap, self.max_tokens = window, overlap, max_tokens
+        self.batch_size, self.device, self.cache_dir, self.show_progress_bar = batch_size, device, cache_dir, show_progress_bar
+
+    @property
+    def embedder(self) -> SAEEmbedder:
+        if getattr(self, "_embedder", None) is None:
+            self._embedder = get_embedder(model=self.model, sae=self.sae, layer=self.layer, pooling=self.pooling,
+                                          k=self.k, sae_k=self.sae_k, window=self.window, overlap=self.overlap,
+                                          max_tokens=self.max_tokens, device=self.device, cache_dir=self.cache_dir)
+        return self._embedder
+
+    def transform(self, X: Sequence[str]) -> sp.csr_matrix:
+        self._check_input(X)
+        return self.embedder.encode(list(X), batch_size=self.batch_size, pooling=self.pooling,
+                                    show_progress_bar=self.show_progress_bar)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array([f"latent_{i}" for i in range(self.embedder.d_sae)], dtype=object)
+
+
+class DenseVectorizer(SAEVectorizer):
+    """Documents -> the same layer's dense activations, pooled (the `dense` baseline)."""
+
+    def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
+                 pooling: str = "mean", window: int | None = None, overlap: int = 32,
+                 max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
+                 cache_dir: str | None = None, show_progress_bar: bool | None = None):
+        super().__init__(model=model, sae=sae, layer=layer, pooling=pooling, window=window, overlap=overlap,
+                         max_tokens=max_tokens, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                         show_progress_bar=show_progress_bar)
+
+    def transform(self, X: Sequence[str]) -> np.ndarray:
+        self._check_input(X)
+        return self.embedder.encode_dense(list(X), pooling=self.pooling, batch_size=self.batch_size,
+                                          show_progress_bar=self.show_progress_bar)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array([f"dim_{i}" for i in range(self.embedder.host.d_model)], dtype=object)
+
+
+class SentenceVectorizer(_LazyModel):
+    """Documents -> the full model's sentence embedding (sentence-transformers).
+
+    Documents longer than the model's max_seq_length are split into chunks of that many tokens and
+    their embeddings averaged, so long texts are not silently truncated.
+    """
+
+    _model_attr = "_st"
+
+    def __init__(self, model: str = "minilm", batch_size: int = 32, device: str | None = None,
+                 cache_dir: str | None = None, show_progress_bar: bool | None = None):
+        self.model, self.batch_size, self.device = model, batch_size, device
+        self.cache_dir, self.show_progress_bar = cache_dir, show_progress_bar
+
+    @property
+    def st(self):
+        if getattr(self, "_st", None) is None:
+            from sentence_transformers import SentenceTransformer
+
+            from saefeat.hosts import resolve_host_path
+
+            path, gguf = resolve_host_path(self.model)
+            if gguf:
+                raise ValueError(f"{self.model!r} is a GGUF causal LM, not a sentence-transformers model")
+            self._st = SentenceTransformer(path, device=str(get_host(self.model, self.device).device))
+        return self._st
+
+    def _chunks(self, text: str) -> list[str]:
+        tok = self.st.tokenizer
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        size = self.st.max_seq_length - 2
+        if len(ids) <= size:
+            return [text]
+        return [tok.decode(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+    def transform(self, X: Sequence[str]) -> np.ndarray:
+        from saefeat.data import check_texts
+
+        self._check_input(X)
+        texts = check_texts(list(X), field="docs")
+        cache = None
+        if self.cache_dir is not False:
+            cache = StatsCache(self.cache_dir or default_cache_dir(), {"kind": "sentence", "model": self.model})
+        hashes = [doc_hash(t) for t in texts]
+        todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
+        out = np.zeros((len(texts), self.st.get_sentence_embedding_dimension()), np.float32)
+        if todo:
+            from saefeat.embed.pooling import TokenStats
+
+            pieces, owner = [], []
+            for j, i in enumerate(todo):
+                for c in self._chunks(texts[i]):
+                    pieces.append(c)
+                    owner.append(j)
+            emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
+                                 show_progress_bar=bool(self.show_progress_bar))
+            sums = np.zeros((len(todo), emb.shape[1]), np.float32)
+            np.add.at(sums, owner, emb)
+            counts = np.bincount(owner, minlength=len(todo))
+            vecs = sums / np.maximum(counts, 1)[:, None]
+            out[todo] = vecs
+            if cache is not None:
+                cache.put([hashes[i] for i in todo], TokenStats(counts, vecs, vecs))
+        if cache is not None:
+            cached = [i for i in range(len(texts)) if i not in set(todo)]
+            if cached:
+                out[cached] = cache.get([hashes[i] for i in cached]).sum
+        return out
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array([f"st_{i}" for i in range(self.st.get_sentence_embedding_dimension())], dtype=object)

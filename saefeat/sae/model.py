@@ -1,0 +1,136 @@
+"""The sparse autoencoder: ReLU, JumpReLU, TopK and BatchTopK architectures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk")
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is and where it reads: shapes, activation, hook point, normalisation."""
+
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    k: int | None = None
+    apply_b_dec_to_input: bool = True
+    input_scale: float = 1.0  # activations are multiplied by this before encoding (undone on decode)
+    host: str | None = None
+    layer: int | None = None
+    hook_name: str | None = None
+    source_format: str = "saefeat"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.architecture in ("topk", "batchtopk") and not self.k:
+            raise ValueError(f"a {self.architecture} SAE needs k")
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder with `encode(x)` / `decode(z)` on tensors of any leading shape.
+
+    Weights follow the SAELens convention: W_enc (d_in, d_sae), W_dec (d_sae, d_in).
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.architecture in ("jumprelu", "batchtopk"):
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.content_hash: str = ""
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def k(self) -> int | None:
+        return self.cfg.k
+
+    @property
+    def is_topk(self) -> bool:
+        """True when encoding is a per-token top-k (BatchTopK without a threshold counts)."""
+        if self.cfg.architecture == "topk":
+            return True
+        return self.cfg.architecture == "batchtopk" and not bool((self.threshold > 0).any())
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.W_enc.dtype) * self.cfg.input_scale
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"SAE expects inputs of width d_in={self.d_in}, got {x.shape[-1]}")
+
+    def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse encoding of a top-k SAE: (values, indices), each (..., k)."""
+        self._check(x)
+        pre = F.relu(self.pre_acts(x))
+        vals, idx = pre.topk(k or self.k, dim=-1, sorted=False)
+        return vals, idx
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations (..., d_sae)."""
+        self._check(x)
+        arch = self.cfg.architecture
+        if self.is_topk:
+            vals, idx = self.encode_topk(x)
+            return torch.zeros(*x.shape[:-1], self.d_sae, dtype=vals.dtype, device=vals.device).scatter_(
+                -1, idx, vals
+            )
+        pre = self.pre_acts(x)
+        if arch == "relu":
+            return F.relu(pre)
+        # JumpReLU, and BatchTopK at inference (a learned global threshold, as SAELens does)
+        return F.relu(pre) * (pre > self.threshold)
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Non-zero activations of 2-D inputs as COO triples (row, latent, value), kept on x's device."""
+        if self.is_topk:
+            vals, idx = self.encode_topk(x)
+            rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(idx)
+            keep = vals > 0
+            return rows[keep], idx[keep], vals[keep]
+        z = self.encode(x)
+        rows, cols = z.nonzero(as_tuple=True)
+        return rows, cols, z[rows, cols]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the host's activation space (..., d_in)."""
+        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.cfg.input_scale
+
+    def decode_topk(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Decode a sparse (values, indices) code without building the dense (.., d_sae) tensor."""
+        lead = vals.shape[:-1]
+        flat = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.W_dec, per_sample_weights=vals.reshape(
+            -1, vals.shape[-1]).to(self.W_dec.dtype), mode="sum")
+        return ((flat + self.b_dec) / self.cfg.input_scale).reshape(*lead, self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_topk:
+            return self.decode_topk(*self.encode_topk(x))
+        return self.decode(self.encode(x))
+
+    def describe(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.k else ""
+        return f"{c.architecture} SAE {c.d_in}->{c.d_sae}{k} ({c.source_format}; host={c.host}, layer={c.layer})"

@@ -1,0 +1,83 @@
+"""MLflow tracking: a SQLite store in ./mlruns by default, one run per command, child runs per representation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+import saefeat
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else a SQLite database in ./mlruns."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def setup_tracking(uri: str | None = None) -> str:
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """Experiment id, creating it with artifacts under ./mlruns/artifacts when the store is local."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:///"):
+        root = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent / "artifacts" / name
+        location = root.resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(saefeat.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, f"{key}.")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+def log_params(params: dict[str, Any]) -> None:
+    flat = {k: v[:500] for k, v in flatten(params).items()}
+    items = list(flat.items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i:i + 100]))
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, config: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run carrying the resolved config, package version and git commit."""
+    if not nested:
+        setup_tracking()
+    exp_id = ensure_experiment(experiment)
+    base_tags = {"saefeat.version": saefeat.__version__, "saefeat.git_commit": git_commit()}
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested,
+                          tags=base_tags | (tags or {})) as run:
+        if config is not None:
+            log_params(config)
+            mlflow.log_dict(config, "config.yaml")
+        yield run

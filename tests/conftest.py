@@ -1,0 +1,45 @@
+"""Shared fixtures: the real offline hosts, the shared data folder, isolated caches and MLflow stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("SAEFEAT_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from saefeat.embed.embedder import get_host
+
+    return get_host("minilm", "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from saefeat.embed.embedder import get_host
+
+    return get_host("smollm2", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test gets its own embedding cache and MLflow store."""
+    monkeypatch.setenv("SAEFEAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAEFEAT_CONFIGS", str(REPO / "configs"))

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+
+def _hidden_states(host, ids, att):
+    with torch.no_grad():
+        out = host.model(input_ids=ids, attention_mask=att, output_hidden_states=True)
+    return out.hidden_states
+
+
+@pytest.mark.parametrize("name,layer", [("minilm", 3), ("minilm", 0), ("smollm2", 9)])
+def test_hook_equals_output_hidden_states(name, layer, request):
+    host = request.getfixturevalue(name)
+    seqs = [host.wrap(ids)[0] for ids in host.tokenize(["Revenue grew 12% this quarter.", "Hello there, world"])]
+    ids, att = host.pad_batch(seqs)
+    acts = host.residual(ids, att, layer)
+    ref = _hidden_states(host, ids, att)[layer + 1]
+    mask = att.bool()
+    assert torch.allclose(acts[mask], ref[mask].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_forward_stops_after_hooked_block(minilm):
+    calls = []
+    handle = minilm.blocks[4].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ids, att = minilm.pad_batch([minilm.wrap(minilm.tokenize(["stop here"])[0])[0]])
+        minilm.residual(ids, att, 3)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_special_tokens_are_marked(minilm, smollm2):
+    ids = minilm.tokenize(["a b c"])[0]
+    full, content = minilm.wrap(ids)
+    assert full[0] == minilm.tokenizer.cls_token_id and full[-1] == minilm.tokenizer.sep_token_id
+    assert content == [False] + [True] * len(ids) + [False]
+    full, content = smollm2.wrap(ids := smollm2.tokenize(["a b c"])[0])
+    assert content[0] is False and all(content[1:]) and full[1:] == ids
+
+
+def test_bad_layer_is_refused(minilm):
+    with pytest.raises(ValueError, match="out of range"):
+        minilm.check_layer(6)
