@@ -77,7 +77,9 @@ class HostModel:
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} is out of range for {self.name} ({self.n_layers} blocks: 0..{self.n_layers - 1})")
+            raise ValueError(
+                f"layer {layer} is out of range for {self.name} ({self.n_layers} blocks: 0..{self.n_layers - 1})"
+            )
 
     @property
     def special_ids(self) -> set[int]:

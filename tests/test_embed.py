@@ -90,7 +90,8 @@ def test_killed_encode_resumes_from_cache(sae_path, tmp_path, monkeypatch):
     assert len(again._cache("sae")) == 16  # two chunks survived the interruption
     computed = []
     real2 = again._compute_stats
-    monkeypatch.setattr(again, "_compute_stats", lambda texts, *a, **k: computed.append(len(texts)) or real2(texts, *a, **k))
+    monkeypatch.setattr(again, "_compute_stats",
+                        lambda texts, *a, **k: computed.append(len(texts)) or real2(texts, *a, **k))
     X = again.encode(corpus)
     assert sum(computed) == 24
     np.testing.assert_allclose(X.toarray(), full.toarray(), rtol=1e-5, atol=1e-6)

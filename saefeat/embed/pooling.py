@@ -39,10 +39,7 @@ class TokenStats:
 
     @staticmethod
     def stack(parts: list[TokenStats]) -> TokenStats:
-        if parts[0].sparse:
-            cat = lambda xs: sp.vstack(xs, format="csr")  # noqa: E731
-        else:
-            cat = np.vstack
+        cat = (lambda xs: sp.vstack(xs, format="csr")) if parts[0].sparse else np.vstack
         counts = None if parts[0].count is None else cat([p.count for p in parts])
         return TokenStats(np.concatenate([p.n_tokens for p in parts]), cat([p.sum for p in parts]),
                           cat([p.max for p in parts]), counts)

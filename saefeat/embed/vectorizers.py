@@ -60,7 +60,8 @@ class SAEVectorizer(_LazyModel):
                  device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None):
         self.model, self.sae, self.layer, self.pooling, self.k, self.sae_k = model, sae, layer, pooling, k, sae_k
         self.window, self.overlap, self.max_tokens = window, overlap, max_tokens
-        self.batch_size, self.device, self.cache_dir, self.show_progress_bar = batch_size, device, cache_dir, show_progress_bar
+        self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
+        self.show_progress_bar = show_progress_bar
 
     @property
     def embedder(self) -> SAEEmbedder:

@@ -20,7 +20,7 @@ def reconstruction_metrics(sae: SAE, host: HostModel, layer: int, windows: list[
                            batch_windows: int = 16) -> dict[str, float]:
     """Explained variance, L0 and dead-latent fraction over the content tokens of `windows`."""
     dev = host.device
-    sq_err = sum_x = sum_sq = 0.0
+    sq_err = sum_sq = 0.0
     sum_vec = torch.zeros(sae.d_in, dtype=torch.float64, device=dev)
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
     n = l0 = 0
