@@ -30,10 +30,13 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in (configs_dir() / kind).glob("*.yaml"))
 
 
+_LABELS = {"tasks": "task", "models": "model", "train": "training recipe for model", "commands": "command"}
+
+
 def _load_named(kind: str, name: str) -> DictConfig:
     path = configs_dir() / kind / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown {kind[:-1]} {name!r}; valid: {', '.join(available(kind))}")
+        raise ConfigError(f"unknown {_LABELS[kind]} {name!r}; valid: {', '.join(available(kind))}")
     return OmegaConf.load(path)
 
 
@@ -86,11 +89,15 @@ def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
         cfg = OmegaConf.merge(base, task_cfg, {"task": task, "model": _load_named("models", model)})
     elif kind == "train":
         model = ov.pop("model", None) or "minilm"
-        train = _load_named("train", model)
-        cfg = OmegaConf.merge(base, train, {"model": _load_named("models", model)})
-    elif kind == "embed":
+        model_cfg = _load_named("models", model)
+        cfg = OmegaConf.merge(base, _load_named("train", model), {"model": model_cfg})
+    elif kind in ("embed", "index"):
         model = ov.pop("model", None) or str(base.get("model", "minilm"))
-        cfg = OmegaConf.merge(base, _load_named("commands", "embed"), {"model": _load_named("models", model)})
+        cfg = OmegaConf.merge(base, _load_named("commands", kind), {"model": _load_named("models", model)})
+    elif kind in ("describe", "explain"):  # `explain` reads the cards `describe-latents` writes: both key sets
+        model = ov.pop("model", None) or str(base.get("model", "minilm"))
+        parts = [_load_named("commands", n) for n in ("describe", "explain")[: 2 if kind == "explain" else 1]]
+        cfg = OmegaConf.merge(base, *parts, {"model": _load_named("models", model)})
     else:
         raise ConfigError(f"unknown config kind {kind!r}")
     cfg = apply_overrides(cfg, ov)

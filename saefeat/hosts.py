@@ -133,7 +133,7 @@ class HostModel:
 
     @torch.no_grad()
     def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-                 use_autocast: bool = True) -> torch.Tensor:
+                 precision: str = "auto") -> torch.Tensor:
         """Residual stream after block `layer` (B, T, d); the forward stops there."""
         self.check_layer(layer)
         captured: dict[str, torch.Tensor] = {}
@@ -144,7 +144,7 @@ class HostModel:
 
         handle = self.blocks[layer].register_forward_hook(hook)
         try:
-            with autocast(self.device, use_autocast):
+            with autocast(self.device, precision):
                 self.forward_model(input_ids, attention_mask)
         except _StopForward:
             pass

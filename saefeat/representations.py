@@ -26,7 +26,8 @@ def make_representation(name: str, model: str = "minilm", sae: str = "default", 
         embed = {k: v for k, v in embed.items() if k not in ("k", "sae_k")}
         return DenseVectorizer(model=model, sae=sae, layer=layer, pooling=dense_pooling, **embed)
     if name == "sentence":
-        keep = {k: embed[k] for k in ("batch_size", "device", "cache_dir", "show_progress_bar") if k in embed}
+        keep = {k: embed[k] for k in ("batch_size", "device", "cache_dir", "show_progress_bar", "precision")
+                if k in embed}
         return SentenceVectorizer(model=sentence_model, **keep)
     if name == "tfidf":
         return TfidfVectorizer(sublinear_tf=True, min_df=2, max_df=0.95, max_features=50_000, ngram_range=(1, 2))
@@ -40,5 +41,5 @@ def representation_from_config(name: str, cfg: Any) -> TransformerMixin:
         name, model=cfg.model.path, sae=cfg.sae.path, layer=cfg.model.layer, pooling=e.pooling,
         dense_pooling=e.dense_pooling, sentence_model=e.sentence_model, k=e.k, sae_k=cfg.sae.k,
         window=cfg.model.window, overlap=e.overlap, max_tokens=e.max_tokens, batch_size=e.batch_size,
-        device=e.device, cache_dir=e.cache_dir, show_progress_bar=e.show_progress_bar,
+        device=e.device, cache_dir=e.cache_dir, show_progress_bar=e.show_progress_bar, precision=e.precision,
     )

@@ -11,6 +11,7 @@ from sklearn.pipeline import Pipeline
 from saefeat.data import DataError
 from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.pooling import SPARSE_POOLINGS, TokenStats, pool
+from saefeat.embed.storage import load_sparse
 from saefeat.embed.vectorizers import SAEVectorizer
 from saefeat.embed.windows import split_windows
 from tests.helpers import random_sae
@@ -149,8 +150,19 @@ def test_embed_cli_writes_npz_and_ids(sae_path, tmp_path):
     res = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=body", "id_field=id", f"output={out}",
                                    f"sae.path={sae_path}"])
     assert res.exit_code == 0, res.output
-    X = sp.load_npz(out)
+    X = load_sparse(out)
     assert X.shape == (2, 512)
+    direct = SAEEmbedder("minilm", sae=sae_path).encode(["first doc", "second document here"])
+    np.testing.assert_array_equal(X.toarray(), direct.toarray())
     assert out.with_suffix(".ids.txt").read_text().split() == ["a", "b"]
     bad = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=text", f"output={out}"])
     assert bad.exit_code == 2 and "missing column" in bad.output
+
+
+def test_one_pass_fills_sae_and_dense_caches(sae_path, tmp_path, monkeypatch):
+    emb = SAEEmbedder("minilm", sae=sae_path, cache_dir=tmp_path / "c")
+    emb.encode(DOCS)
+    monkeypatch.setattr(emb, "_compute_stats", lambda *a, **k: pytest.fail("dense stats were recomputed"))
+    cached = emb.encode_dense(DOCS)
+    fresh = SAEEmbedder("minilm", sae=sae_path, cache_dir=False).encode_dense(DOCS)
+    np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-6)

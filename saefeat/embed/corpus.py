@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from saefeat.atomic import atomic_write
 from saefeat.data import load_texts
+from saefeat.embed.storage import save_sparse
 from saefeat.representations import representation_from_config
 
 
@@ -23,7 +24,7 @@ def embed_file(cfg: DictConfig) -> Path:
     if out.suffix != ".npz":
         raise ValueError(f"output must end in .npz, got {out}")
     if sp.issparse(X):
-        atomic_write(out, lambda tmp: sp.save_npz(tmp, X))
+        save_sparse(out, X, values=str(cfg.values))
     else:
         atomic_write(out, lambda tmp: np.savez(tmp, embeddings=X))
     ids_path = out.with_suffix(".ids.txt")

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saefeat.data import check_texts
-from saefeat.device import autocast, resolve_device
+from saefeat.device import autocast, resolve_device, resolve_precision
 from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
 from saefeat.embed.pooling import TokenStats, pool
 from saefeat.embed.windows import Window, split_windows
@@ -58,13 +58,15 @@ class SAEEmbedder:
         max_tokens: explicit cap on tokens read per document (logged when it cuts); None reads everything.
         keep_special: pool special tokens (CLS/SEP/BOS) too; excluded by default.
         cache_dir: folder of the on-disk cache (`$SAEFEAT_CACHE` or ~/.cache/saefeat); False disables it.
+        precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", or "bf16" (also fast on CPUs with
+            AVX512-BF16/AMX, at about three significant digits).
     """
 
     def __init__(self, model: str = "minilm", sae: str | Path | SAE = "default", layer: int | None = None,
                  pooling: str = "max", device: str | torch.device | None = None, k: int = 64,
                  sae_k: int | None = None, window: int | None = None, overlap: int = 32,
                  max_tokens: int | None = None, keep_special: bool = False,
-                 cache_dir: str | Path | bool | None = None):
+                 cache_dir: str | Path | bool | None = None, precision: str = "auto"):
         self.host = get_host(model, device)
         self.device = self.host.device
         self.sae = resolve_sae(sae, model, self.device)
@@ -80,6 +82,7 @@ class SAEEmbedder:
         self.model_name, self.pooling, self.k = model, pooling, k
         self.window = min(window or self.host.window_capacity, self.host.window_capacity)
         self.overlap, self.max_tokens, self.keep_special = overlap, max_tokens, keep_special
+        self.precision = resolve_precision(self.device, precision)
         split_windows(0, 1, self.window, self.overlap, self.host.is_causal)  # validates window/overlap early
         self.cache_root = None if cache_dir is False else Path(cache_dir or default_cache_dir())
         self._caches: dict[str, StatsCache] = {}
@@ -92,7 +95,7 @@ class SAEEmbedder:
         """Everything that changes the cached statistics of a document."""
         s = {"kind": kind, "host": self.model_name, "host_fingerprint": self.host.fingerprint, "layer": self.layer,
              "window": self.window, "overlap": self.overlap, "max_tokens": self.max_tokens,
-             "keep_special": self.keep_special, "precision": "bf16" if self.device.type == "cuda" else "fp32"}
+             "keep_special": self.keep_special, "precision": self.precision}
         if kind == "sae":
             s |= {"sae": self.sae.content_hash, "sae_k": self.sae.cfg.k}
         return s
@@ -110,21 +113,27 @@ class SAEEmbedder:
 
     def encode_tokens(self, doc: str, batch_size: int = 32) -> TokenActivations:
         """Per-token latent activations of one document with the token strings."""
-        doc = check_texts([doc], field="doc")[0]
-        ids = self._token_ids([doc])[0]
-        rows, cols, vals = [], [], []
-        for _, pos, x in self._token_batches([ids], batch_size):
-            r, c, v = self._encode_sae(x)
-            rows.append(pos[r].cpu())
-            cols.append(c.cpu())
-            vals.append(v.float().cpu())
-        n = len(ids)
-        if rows:
-            acts = sp.csr_matrix((torch.cat(vals).numpy(), (torch.cat(rows).numpy(), torch.cat(cols).numpy())),
-                                 shape=(n, self.d_sae), dtype=np.float32)
+        return self.encode_tokens_batch(check_texts([doc], field="doc"), batch_size)[0]
+
+    def encode_tokens_batch(self, docs: Sequence[str], batch_size: int = 32,
+                            show_progress_bar: bool = False) -> list[TokenActivations]:
+        """Per-token latent activations of many documents; their windows share forward batches."""
+        docs = check_texts(list(docs), field="docs")
+        docs_ids = self._token_ids(docs)
+        parts = []
+        with tqdm(total=len(docs), desc="encode tokens", unit="doc", disable=not show_progress_bar) as bar:
+            for doc, pos, x in self._token_batches(docs_ids, batch_size, bar):
+                r, c, v = self._encode_sae(x)
+                keep = pos[r] >= 0  # special tokens kept by keep_special have no position in the document
+                parts.append((doc[r][keep].cpu(), pos[r][keep].cpu(), c[keep].cpu(), v[keep].float().cpu()))
+        offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in docs_ids])]).astype(np.int64)
+        if parts:
+            d, p, c, v = (torch.cat(t).numpy() for t in zip(*parts))
+            acts = sp.csr_matrix((v, (offsets[d] + p, c)), shape=(int(offsets[-1]), self.d_sae), dtype=np.float32)
         else:
-            acts = sp.csr_matrix((n, self.d_sae), dtype=np.float32)
-        return TokenActivations(self.host.tokenizer.convert_ids_to_tokens(ids), ids, acts)
+            acts = sp.csr_matrix((int(offsets[-1]), self.d_sae), dtype=np.float32)
+        return [TokenActivations(self.host.tokenizer.convert_ids_to_tokens(ids), ids, acts[offsets[i]:offsets[i + 1]])
+                for i, ids in enumerate(docs_ids)]
 
     def encode_stats(self, docs: Sequence[str], kind: str = "sae", batch_size: int = 32,
                      show_progress_bar: bool | None = None) -> TokenStats:
@@ -142,11 +151,15 @@ class SAEEmbedder:
             bar = tqdm(total=len(todo), desc=f"encode {kind}", unit="doc", disable=not show_progress_bar)
             try:
                 for chunk in _chunks(todo, [len(first[h]) for h in todo]):
-                    stats = self._compute_stats([first[h] for h in chunk], kind, batch_size, bar)
-                    if cache is not None:
-                        cache.put(chunk, stats)
+                    # the dense statistics come free with an SAE pass, so that pass caches both
+                    kinds = ("sae", "dense") if kind == "sae" else ("dense",)
+                    computed = self._compute_stats([first[h] for h in chunk], batch_size, bar, kinds)
+                    for other, stats in computed.items():
+                        other_cache = self._cache(other)
+                        if other_cache is not None:
+                            other_cache.put(chunk, stats)
                     for i, h in enumerate(chunk):
-                        done[h] = stats.take([i])
+                        done[h] = computed[kind].take([i])
             finally:
                 bar.close()
         parts = [done[h] if h in done else cache.get([h]) for h in hashes] if hashes else []
@@ -184,7 +197,7 @@ class SAEEmbedder:
             batch = windows[b:b + batch_size]
             wrapped = [self.host.wrap(docs_ids[w.doc][w.start:w.end]) for w in batch]
             ids, att = self.host.pad_batch([x for x, _ in wrapped])
-            acts = self.host.residual(ids, att, self.layer)
+            acts = self.host.residual(ids, att, self.layer, self.precision)
             sel_rows, sel_cols, docs, pos = [], [], [], []
             for i, (w, (_, content)) in enumerate(zip(batch, wrapped)):
                 offset = content.index(True) if True in content else 0  # position of the first content token
@@ -203,44 +216,48 @@ class SAEEmbedder:
             yield torch.tensor(docs, device=dev), torch.tensor(pos, device=dev), x
 
     def _encode_sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), autocast(self.device):
+        with torch.no_grad(), autocast(self.device, self.precision):
             return self.sae.encode_sparse(x)
 
     @torch.no_grad()
-    def _compute_stats(self, texts: list[str], kind: str, batch_size: int, bar: tqdm | None) -> TokenStats:
+    def _compute_stats(self, texts: list[str], batch_size: int, bar: tqdm | None,
+                       kinds: tuple[str, ...] = ("sae", "dense")) -> dict[str, TokenStats]:
+        """Statistics of `texts` for each of `kinds` ("sae", "dense") from one pass of the host."""
         docs_ids = self._token_ids(texts)
-        n = len(texts)
-        width = self.d_sae if kind == "sae" else self.host.d_model
+        n, d_sae, d = len(texts), self.d_sae, self.host.d_model
         dev = self.device
         n_tok = torch.zeros(n, dtype=torch.long, device=dev)
-        total = torch.zeros(n * width, device=dev)
-        peak = torch.zeros(n * width, device=dev) if kind == "sae" else torch.full((n * width,), -torch.inf, device=dev)
-        fires = torch.zeros(n * width, device=dev) if kind == "sae" else None
+        sae_sum, sae_max, sae_cnt = (torch.zeros(n * d_sae if "sae" in kinds else 0, device=dev) for _ in range(3))
+        dense_sum = torch.zeros(n * d, device=dev)
+        dense_max = torch.full((n * d,), -torch.inf, device=dev)
         for doc, _, x in self._token_batches(docs_ids, batch_size, bar):
             n_tok.index_add_(0, doc, torch.ones_like(doc))
-            if kind == "sae":
+            if "sae" in kinds:
                 r, c, v = self._encode_sae(x)
-                flat = doc[r] * width + c
-                v = v.float()
-                total.index_add_(0, flat, v)
-                peak.scatter_reduce_(0, flat, v, reduce="amax")
-                fires.index_add_(0, flat, torch.ones_like(v))
-            else:
-                flat = (doc[:, None] * width + torch.arange(width, device=dev)).reshape(-1)
-                total.index_add_(0, flat, x.reshape(-1))
-                peak.scatter_reduce_(0, flat, x.reshape(-1), reduce="amax")
+                flat, v = doc[r] * d_sae + c, v.float()
+                sae_sum.index_add_(0, flat, v)
+                sae_max.scatter_reduce_(0, flat, v, reduce="amax")
+                sae_cnt.index_add_(0, flat, torch.ones_like(v))
+            if "dense" in kinds:
+                flat = (doc[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
+                dense_sum.index_add_(0, flat, x.reshape(-1))
+                dense_max.scatter_reduce_(0, flat, x.reshape(-1), reduce="amax")
         n_tokens = n_tok.cpu().numpy()
-        if kind == "sae":
-            count = fires.view(n, width)
-            nz = count.nonzero(as_tuple=True)
+        out: dict[str, TokenStats] = {}
+        if "dense" in kinds:
+            dense_max = torch.where(torch.isinf(dense_max), torch.zeros_like(dense_max), dense_max)
+            out["dense"] = TokenStats(n_tokens, dense_sum.view(n, d).cpu().numpy(), dense_max.view(n, d).cpu().numpy())
+        if "sae" not in kinds:
+            return out
+        nz = sae_cnt.view(n, d_sae).nonzero(as_tuple=True)
+        rows, cols = nz[0].cpu().numpy(), nz[1].cpu().numpy()
 
-            def to_csr(t: torch.Tensor) -> sp.csr_matrix:
-                vals = t.view(n, width)[nz].cpu().numpy().astype(np.float32)
-                return sp.csr_matrix((vals, (nz[0].cpu().numpy(), nz[1].cpu().numpy())), shape=(n, width))
+        def to_csr(t: torch.Tensor) -> sp.csr_matrix:
+            vals = t.view(n, d_sae)[nz].cpu().numpy().astype(np.float32)
+            return sp.csr_matrix((vals, (rows, cols)), shape=(n, d_sae))
 
-            return TokenStats(n_tokens, to_csr(total), to_csr(peak), to_csr(fires))
-        peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-        return TokenStats(n_tokens, total.view(n, width).cpu().numpy(), peak.view(n, width).cpu().numpy())
+        out["sae"] = TokenStats(n_tokens, to_csr(sae_sum), to_csr(sae_max), to_csr(sae_cnt))
+        return out
 
 
 def _chunks(items: list[str], sizes: list[int], max_chars: int = 400_000, max_docs: int = 512) -> Iterator[list[str]]:

@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from saefeat.device import autocast, resolve_device, resolve_precision
 from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
 from saefeat.embed.embedder import SAEEmbedder, get_host
 
@@ -57,7 +58,9 @@ class SAEVectorizer(_LazyModel):
     def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
                  pooling: str = "max", k: int = 64, sae_k: int | None = None, window: int | None = None,
                  overlap: int = 32, max_tokens: int | None = None, batch_size: int = 32,
-                 device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None):
+                 device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None,
+                 precision: str = "auto"):
+        self.precision = precision
         self.model, self.sae, self.layer, self.pooling, self.k, self.sae_k = model, sae, layer, pooling, k, sae_k
         self.window, self.overlap, self.max_tokens = window, overlap, max_tokens
         self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
@@ -68,7 +71,8 @@ class SAEVectorizer(_LazyModel):
         if getattr(self, "_embedder", None) is None:
             self._embedder = get_embedder(model=self.model, sae=self.sae, layer=self.layer, pooling=self.pooling,
                                           k=self.k, sae_k=self.sae_k, window=self.window, overlap=self.overlap,
-                                          max_tokens=self.max_tokens, device=self.device, cache_dir=self.cache_dir)
+                                          max_tokens=self.max_tokens, device=self.device, cache_dir=self.cache_dir,
+                                          precision=self.precision)
         return self._embedder
 
     def transform(self, X: Sequence[str]) -> sp.csr_matrix:
@@ -86,10 +90,10 @@ class DenseVectorizer(SAEVectorizer):
     def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
                  pooling: str = "mean", window: int | None = None, overlap: int = 32,
                  max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
-                 cache_dir: str | None = None, show_progress_bar: bool | None = None):
+                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto"):
         super().__init__(model=model, sae=sae, layer=layer, pooling=pooling, window=window, overlap=overlap,
                          max_tokens=max_tokens, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                         show_progress_bar=show_progress_bar)
+                         show_progress_bar=show_progress_bar, precision=precision)
 
     def transform(self, X: Sequence[str]) -> np.ndarray:
         self._check_input(X)
@@ -110,8 +114,8 @@ class SentenceVectorizer(_LazyModel):
     _model_attr = "_st"
 
     def __init__(self, model: str = "minilm", batch_size: int = 32, device: str | None = None,
-                 cache_dir: str | None = None, show_progress_bar: bool | None = None):
-        self.model, self.batch_size, self.device = model, batch_size, device
+                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto"):
+        self.model, self.batch_size, self.device, self.precision = model, batch_size, device, precision
         self.cache_dir, self.show_progress_bar = cache_dir, show_progress_bar
 
     @property
@@ -142,7 +146,8 @@ class SentenceVectorizer(_LazyModel):
         texts = check_texts(list(X), field="docs")
         cache = None
         if self.cache_dir is not False:
-            cache = StatsCache(self.cache_dir or default_cache_dir(), {"kind": "sentence", "model": self.model})
+            cache = StatsCache(self.cache_dir or default_cache_dir(),
+                               {"kind": "sentence", "model": self.model, "precision": self._precision()})
         hashes = [doc_hash(t) for t in texts]
         todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
         out = np.zeros((len(texts), self.st.get_sentence_embedding_dimension()), np.float32)
@@ -154,8 +159,9 @@ class SentenceVectorizer(_LazyModel):
                 for c in self._chunks(texts[i]):
                     pieces.append(c)
                     owner.append(j)
-            emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
-                                 show_progress_bar=bool(self.show_progress_bar))
+            with autocast(self.st.device, self._precision()):
+                emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
+                                     show_progress_bar=bool(self.show_progress_bar))
             sums = np.zeros((len(todo), emb.shape[1]), np.float32)
             np.add.at(sums, owner, emb)
             counts = np.bincount(owner, minlength=len(todo))
@@ -168,6 +174,9 @@ class SentenceVectorizer(_LazyModel):
             if cached:
                 out[cached] = cache.get([hashes[i] for i in cached]).sum
         return out
+
+    def _precision(self) -> str:
+        return resolve_precision(resolve_device(self.device), self.precision)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"st_{i}" for i in range(self.st.get_sentence_embedding_dimension())], dtype=object)

@@ -64,11 +64,11 @@ def sample_windows(host: HostModel, sources: Sequence[CorpusSource], seq_len: in
 
 
 def content_activations(host: HostModel, layer: int, windows: list[list[int]],
-                        use_autocast: bool = True) -> torch.Tensor:
+                        precision: str = "auto") -> torch.Tensor:
     """Residual activations (n_tokens, d) of the content (non-special) tokens of a batch of windows."""
     wrapped = [host.wrap(w) for w in windows]
     ids, att = host.pad_batch([w for w, _ in wrapped])
-    acts = host.residual(ids, att, layer, use_autocast=use_autocast)
+    acts = host.residual(ids, att, layer, precision=precision)
     keep = torch.zeros_like(att, dtype=torch.bool)
     for i, (_, content) in enumerate(wrapped):
         keep[i, : len(content)] = torch.tensor(content, device=keep.device)
@@ -79,9 +79,9 @@ class ShuffledBuffer:
     """A streaming activation buffer: filled from the host, shuffled, refilled when half drained."""
 
     def __init__(self, host: HostModel, layer: int, windows: Iterator[list[int]], size: int,
-                 batch_windows: int, use_autocast: bool = True):
+                 batch_windows: int, precision: str = "auto"):
         self.host, self.layer, self.windows = host, layer, windows
-        self.size, self.batch_windows, self.use_autocast = size, batch_windows, use_autocast
+        self.size, self.batch_windows, self.precision = size, batch_windows, precision
         self.store = torch.empty(0, host.d_model)
         self.tokens_read = 0
 
@@ -90,7 +90,7 @@ class ShuffledBuffer:
         n = len(self.store)
         while n < self.size:
             acts = content_activations(self.host, self.layer, [next(self.windows) for _ in range(self.batch_windows)],
-                                       self.use_autocast).cpu()
+                                       self.precision).cpu()
             parts.append(acts)
             n += len(acts)
             self.tokens_read += len(acts)

@@ -57,7 +57,7 @@ def _patched_ce(host: HostModel, layer: int, ids: torch.Tensor, att: torch.Tenso
 
     handle = host.blocks[layer].register_forward_hook(hook)
     try:
-        with autocast(host.device):
+        with autocast(host.device, "auto"):
             logits = host.model(input_ids=ids, attention_mask=att).logits.float()
     finally:
         handle.remove()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saefeat.device import autocast
 from saefeat.hosts import HostModel
 from saefeat.sae.activations import CorpusSource, ShuffledBuffer, sample_windows
 from saefeat.sae.metrics import evaluate_sae
@@ -43,10 +44,6 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast for host and SAE matmuls (fast on CPUs with AVX512-BF16 and on GPUs)
     seed: int = 0
     sources: list[CorpusSource] = field(default_factory=list)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def init_sae(cfg: TrainConfig, host: HostModel, sample: torch.Tensor) -> SAE:
@@ -82,11 +79,12 @@ def train_sae(host: HostModel, cfg: TrainConfig, log: Callable[[dict[str, float]
     torch.manual_seed(cfg.seed)
     host.check_layer(cfg.layer)
     dev = host.device
-    use_bf16 = cfg.bf16
+    precision = "bf16" if cfg.bf16 else "fp32"
     windows = sample_windows(host, cfg.sources, cfg.seq_len, cfg.seed, held_out=False,
                              held_out_every=cfg.held_out_every)
-    buffer = ShuffledBuffer(host, cfg.layer, windows, cfg.buffer_tokens, cfg.batch_windows, use_autocast=use_bf16)
-    with _autocast(dev, use_bf16):
+    buffer = ShuffledBuffer(host, cfg.layer, windows, cfg.buffer_tokens, cfg.batch_windows,
+                            precision=precision)
+    with autocast(dev, precision):
         first = buffer.next_batch(cfg.batch_size)
     sae = init_sae(cfg, host, first).to(dev)
     sae.train()
@@ -101,11 +99,11 @@ def train_sae(host: HostModel, cfg: TrainConfig, log: Callable[[dict[str, float]
     x = first.to(dev)
     for step in bar:
         if step:
-            with _autocast(dev, use_bf16):
+            with autocast(dev, precision):
                 x = buffer.next_batch(cfg.batch_size).to(dev)
         x = x.float()
         target = x * sae.cfg.input_scale
-        with _autocast(dev, use_bf16):
+        with autocast(dev, precision):
             pre = F.relu(sae.pre_acts(x))
             vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
         recon = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.float(), mode="sum") + sae.b_dec

@@ -1,0 +1,1 @@
+"""Metrics with bootstrap intervals, and the SAE-versus-baselines comparison every task reports."""

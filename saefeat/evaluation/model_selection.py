@@ -1,0 +1,81 @@
+"""Classifier pipelines with feature selection fitted inside the training folds only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from lightgbm import LGBMClassifier, LGBMRegressor
+from sklearn.feature_selection import SelectFromModel, SelectKBest, f_classif
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler, StandardScaler
+
+
+def _lgbm(cls, seed: int, **kw):
+    return cls(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=10, subsample=0.8,
+               subsample_freq=1, colsample_bytree=0.5, random_state=seed, n_jobs=1, verbose=-1, **kw)
+
+
+def _log1p(X):
+    if sp.issparse(X):
+        X = X.copy()
+        X.data = np.log1p(np.maximum(X.data, 0))
+        return X
+    return np.sign(X) * np.log1p(np.abs(X))
+
+
+def selection_grid(n_features: int, methods: list[str], k_grid: list[int], seed: int) -> list[Any]:
+    """Selectors to try: ANOVA SelectKBest(f_classif, k) per k, and tree-based SelectFromModel(median)."""
+    out: list[Any] = []
+    if "anova" in methods:
+        ks = sorted({min(int(k), n_features) for k in k_grid})
+        out += [SelectKBest(f_classif, k=k) for k in ks]
+    if "tree" in methods:
+        out.append(SelectFromModel(_lgbm(LGBMClassifier, seed, class_weight="balanced"), threshold="median"))
+    if "none" in methods or not out:
+        out.append("passthrough")
+    return out
+
+
+def classifier_search(n_features: int, sparse: bool, classifiers: list[str], selection: list[str],
+                      k_grid: list[int], cv, seed: int = 0, log_transform: bool = False) -> GridSearchCV:
+    """A grid search (ROC-AUC) over selector x classifier; selection is a pipeline step, so it is refitted
+    inside every training fold and never sees validation or test rows."""
+    scale = MaxAbsScaler() if sparse else StandardScaler()
+    steps = [("log", FunctionTransformer(_log1p, accept_sparse=True) if log_transform else "passthrough"),
+             ("scale", scale), ("select", "passthrough"), ("clf", "passthrough")]
+    selectors = selection_grid(n_features, selection, k_grid, seed)
+    grid: list[dict[str, list[Any]]] = []
+    if "logreg" in classifiers:
+        grid.append({"select": selectors, "clf": [LogisticRegression(class_weight="balanced", max_iter=2000, C=c)
+                                                  for c in (0.01, 0.1, 1.0)]})
+    if "lightgbm" in classifiers:
+        grid.append({"select": selectors, "clf": [_lgbm(LGBMClassifier, seed, class_weight="balanced")]})
+    if not grid:
+        raise ValueError(f"no known classifier in {classifiers}; valid: logreg, lightgbm")
+    return GridSearchCV(Pipeline(steps), grid, scoring="roc_auc", cv=cv, n_jobs=1, refit=True, error_score=np.nan)
+
+
+def regressor(seed: int = 0, log_transform: bool = False) -> Pipeline:
+    """LightGBM regression of a continuous target (e.g. the EPS surprise)."""
+    return Pipeline([("log", FunctionTransformer(_log1p, accept_sparse=True) if log_transform else "passthrough"),
+                     ("reg", _lgbm(LGBMRegressor, seed))])
+
+
+def selected_features(pipeline: Pipeline, n_features: int) -> np.ndarray:
+    """Indices of the input features the fitted pipeline's selector kept."""
+    sel = pipeline.named_steps["select"]
+    if sel == "passthrough":
+        return np.arange(n_features)
+    return np.flatnonzero(sel.get_support())
+
+
+def feature_importance(pipeline: Pipeline, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """(feature indices, importance) of the fitted classifier over the selected input features."""
+    idx = selected_features(pipeline, n_features)
+    clf = pipeline.named_steps["clf"]
+    imp = np.abs(clf.coef_).ravel() if hasattr(clf, "coef_") else np.asarray(clf.feature_importances_, float)
+    return idx, imp

@@ -1,0 +1,168 @@
+"""Earnings-surprise prediction from call transcripts with SAE features (SAE-FiRE, arXiv 2505.14420).
+
+Each transcript is encoded whole (windowed) and pooled over tokens; features are selected inside the
+training folds (ANOVA SelectKBest or tree-based SelectFromModel) and classified with class-weighted
+logistic regression or LightGBM, tuned by grouped time-series CV on training calls only. A LightGBM
+regression of the surprise itself is reported with Spearman correlation and MAE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from omegaconf import DictConfig
+from sklearn.metrics import roc_curve
+
+from saefeat.data import DataError, check_texts, read_table
+from saefeat.evaluation.comparison import TaskRun
+from saefeat.evaluation.metrics import classification_report, regression_report
+from saefeat.evaluation.model_selection import classifier_search, feature_importance, regressor
+from saefeat.evaluation.splits import GroupedTimeSeriesSplit, random_split, temporal_split
+from saefeat.representations import representation_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def load_calls(cfg: DictConfig) -> pd.DataFrame:
+    """Read and validate the calls; every problem is reported with its rows before any embedding work."""
+    d = cfg.data
+    path = str(d.path)
+    cols = [d.text_field, d.label_field, d.date_field] + [c for c in (d.group_field, d.target_field) if c]
+    df = read_table(path, cols).reset_index(drop=True)
+    problems = []
+
+    def rows(mask) -> str:
+        bad = np.flatnonzero(np.asarray(mask))
+        return ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+
+    label = pd.to_numeric(df[d.label_field], errors="coerce")
+    if label.isna().any():
+        problems.append(f"field {d.label_field!r} is missing or not numeric in rows {rows(label.isna())}")
+    elif not label.isin([0, 1]).all():
+        problems.append(f"field {d.label_field!r} must be 0/1; rows {rows(~label.isin([0, 1]))} are not")
+    dates = pd.to_datetime(df[d.date_field], errors="coerce")
+    if dates.isna().any():
+        problems.append(f"field {d.date_field!r} is missing or not a date in rows {rows(dates.isna())}")
+    text = df[d.text_field]
+    empty = text.map(lambda t: not isinstance(t, str) or not t.strip())
+    if empty.any():
+        problems.append(f"field {d.text_field!r} is empty, whitespace or not text in rows {rows(empty)}")
+    if d.target_field:
+        target = pd.to_numeric(df[d.target_field], errors="coerce")
+        if target.isna().any():
+            problems.append(f"field {d.target_field!r} is missing or not numeric in rows {rows(target.isna())}")
+        df[d.target_field] = target
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems))
+    df[d.label_field] = label.astype(int)
+    df[d.date_field] = dates
+    return df
+
+
+def split_calls(df: pd.DataFrame, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    d, s = cfg.data, cfg.split
+    y = df[d.label_field].to_numpy()
+    if s.kind == "temporal":
+        groups = df[d.group_field] if d.group_field else None
+        train, test = temporal_split(df[d.date_field], groups, s.test_per_group if groups is not None else None,
+                                     float(s.test_fraction))
+    elif s.kind == "random":
+        train, test = random_split(len(df), float(s.test_fraction), int(cfg.seed), y)
+    else:
+        raise ValueError(f"split.kind must be 'temporal' or 'random', got {s.kind!r}")
+    for name, idx in (("training", train), ("test", test)):
+        if len(np.unique(y[idx])) < 2:
+            raise DataError(f"{cfg.data.path}: the {name} split holds one class only "
+                            f"({d.label_field}={y[idx][0]}, rows {idx[:10].tolist()}...); change split.*")
+    return train, test
+
+
+def fit_and_score(X_train, y_train, dates_train, X_test, y_test, cfg: DictConfig, log_transform: bool):
+    """Tune selection + classifier by grouped time-series CV on the training calls, score the test calls."""
+    search = classifier_search(X_train.shape[1], sp.issparse(X_train), list(cfg.classifiers),
+                               list(cfg.selection.methods), list(cfg.selection.k_grid),
+                               cv=GroupedTimeSeriesSplit(int(cfg.cv.n_splits)), seed=int(cfg.seed),
+                               log_transform=log_transform)
+    search.fit(X_train, y_train, groups=dates_train)
+    scores = search.predict_proba(X_test)[:, 1]
+    report = classification_report(y_test, scores, search.predict(X_test), n_boot=int(cfg.bootstrap),
+                                   seed=int(cfg.seed))
+    report["cv_roc_auc"] = float(search.best_score_)
+    return search, scores, report
+
+
+def _roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})", lw=2 if name == "sae" else 1.2)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Earnings surprise: test ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def run(cfg: DictConfig) -> dict:
+    """`saefeat run task=earnings`: one parent run, a child run per representation."""
+    t0 = time.time()
+    df = load_calls(cfg)
+    d = cfg.data
+    texts = check_texts(df[d.text_field].tolist(), source=str(d.path), field=d.text_field, allow_empty=False)
+    train, test = split_calls(df, cfg)
+    y = df[d.label_field].to_numpy()
+    dates = df[d.date_field].to_numpy()
+    target = df[d.target_field].to_numpy(float) if d.target_field else None
+    train_texts, test_texts = [texts[i] for i in train], [texts[i] for i in test]
+    logger.info("earnings: %d training calls, %d test calls (%s split)", len(train), len(test), cfg.split.kind)
+    curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    results: dict[str, dict[str, float]] = {}
+    with TaskRun(cfg) as task:
+        mlflow.log_params({"n_train": len(train), "n_test": len(test),
+                           "test_beat_rate": float(y[test].mean()), "train_beat_rate": float(y[train].mean())})
+        for name in cfg.representations:
+            rep = representation_from_config(name, cfg)
+            with task.representation(name, {"representation": name}) as metrics:
+                t_rep = time.time()
+                X_train = rep.fit_transform(train_texts)
+                X_test = rep.transform(test_texts)
+                log_counts = name == "sae" and cfg.embed.pooling in ("sum", "count")
+                search, scores, report = fit_and_score(X_train, y[train], dates[train], X_test, y[test], cfg,
+                                                       log_counts)
+                metrics.update(report)
+                if target is not None:
+                    reg = regressor(int(cfg.seed), log_counts).fit(X_train, target[train])
+                    metrics.update(regression_report(target[test], reg.predict(X_test), n_boot=int(cfg.bootstrap),
+                                                     seed=int(cfg.seed)))
+                metrics["seconds"] = time.time() - t_rep
+                mlflow.log_param("best_model", str(search.best_params_)[:500])
+                fpr, tpr, _ = roc_curve(y[test], scores)
+                curves[name] = (fpr, tpr, report["roc_auc"])
+                if name == "sae":
+                    _explain(rep, search, X_train.shape[1], train_texts, int(cfg.explain_top))
+                results[name] = dict(metrics)
+        mlflow.log_figure(_roc_figure(curves), "roc.png")
+        mlflow.log_metric("wall_seconds", time.time() - t0)
+    return results
+
+
+def _explain(rep, search, n_features: int, texts: list[str], top: int) -> None:
+    """Log the latents that drove the fitted SAE model, with labels and contexts."""
+    idx, imp = feature_importance(search.best_estimator_, n_features)
+    order = np.argsort(-imp)[:top]
+    latents, importance = idx[order], imp[order]
+    mlflow.log_dict({"selected_latents": idx.tolist()}, "selected_latents.json")
+    try:
+        from saefeat.explain.report import log_latent_report
+    except ImportError:  # explanations are optional for a task run
+        logger.warning("saefeat.explain is unavailable; skipping the latent report")
+        return
+    log_latent_report(rep.embedder, latents.tolist(), importance.tolist(), texts=texts, title="earnings: top latents")
