@@ -48,7 +48,7 @@ class TaskRun:
     def representation(self, name: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, float]]:
         """A child run for one representation; metrics put in the yielded dict are logged when it closes."""
         metrics: dict[str, float] = {}
-        with mlflow.start_run(run_name=name, nested=True,
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=self.parent.info.experiment_id,
                               tags={"representation": name, "task": self.name, "saefeat.role": "representation"}):
             if params:
                 log_params(params)
