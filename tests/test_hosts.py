@@ -13,7 +13,7 @@ def test_hook_equals_output_hidden_states(name, layer, request):
     host = request.getfixturevalue(name)
     seqs = [host.wrap(ids)[0] for ids in host.tokenize(["Revenue grew 12% this quarter.", "Hello there, world"])]
     ids, att = host.pad_batch(seqs)
-    acts = host.residual(ids, att, layer)
+    acts = host.residual(ids, att, layer, precision="fp32")
     ref = _hidden_states(host, ids, att)[layer + 1]
     mask = att.bool()
     assert torch.allclose(acts[mask], ref[mask].float(), atol=1e-4, rtol=1e-4)

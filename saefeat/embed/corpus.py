@@ -24,7 +24,7 @@ def embed_file(cfg: DictConfig) -> Path:
     if out.suffix != ".npz":
         raise ValueError(f"output must end in .npz, got {out}")
     if sp.issparse(X):
-        save_sparse(out, X, values=str(cfg.values))
+        save_sparse(out, X, values=str(cfg.value_dtype))
     else:
         atomic_write(out, lambda tmp: np.savez(tmp, embeddings=X))
     ids_path = out.with_suffix(".ids.txt")

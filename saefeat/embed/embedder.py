@@ -58,8 +58,8 @@ class SAEEmbedder:
         max_tokens: explicit cap on tokens read per document (logged when it cuts); None reads everything.
         keep_special: pool special tokens (CLS/SEP/BOS) too; excluded by default.
         cache_dir: folder of the on-disk cache (`$SAEFEAT_CACHE` or ~/.cache/saefeat); False disables it.
-        precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", or "bf16" (also fast on CPUs with
-            AVX512-BF16/AMX, at about three significant digits).
+        precision: "auto" (bf16 autocast on CUDA and on CPUs with native bf16 such as AVX512-BF16/AMX, about
+            2x faster there; fp32 elsewhere), "fp32" (exact), or "bf16".
     """
 
     def __init__(self, model: str = "minilm", sae: str | Path | SAE = "default", layer: int | None = None,
