@@ -1,0 +1,26 @@
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from saefeat.cli import app
+from saefeat.sae import load_sae
+
+
+@pytest.mark.parametrize("model,layer", [("minilm", 2)])
+def test_train_sae_end_to_end_on_a_tiny_budget(data_dir, tmp_path, model, layer):
+    out = tmp_path / "sae"
+    res = CliRunner().invoke(app, [
+        "train-sae", f"model={model}", f"layer={layer}", "sae.d_sae=256", "sae.k=8", f"output={out}",
+        f"data_dir={data_dir}", "train.total_tokens=16384", "train.batch_size=1024", "train.buffer_tokens=8192",
+        "train.eval_windows=8", "train.seq_len=64", "train.batch_windows=16", "train.warmup_steps=2",
+    ])
+    assert res.exit_code == 0, res.output
+    sae = load_sae(out)
+    assert (sae.d_in, sae.d_sae, sae.k, sae.cfg.layer, sae.cfg.host) == (384, 256, 8, layer, model)
+    assert sae.cfg.extra["recipe"]["train"]["total_tokens"] == 16384
+    runs = mlflow.search_runs(experiment_names=["sae-training"])
+    assert len(runs) == 1
+    for m in ("explained_variance", "l0", "dead_fraction", "train_fvu"):
+        assert f"metrics.{m}" in runs.columns
+    assert runs["metrics.l0"][0] == pytest.approx(8, abs=0.5)
+    assert runs["params.sae.d_sae"][0] == "256" and runs["tags.saefeat.git_commit"][0]
