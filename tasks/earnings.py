@@ -9,7 +9,9 @@ regression of the surprise itself is reported with Spearman correlation and MAE.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+import warnings
 
 import matplotlib
 
@@ -88,11 +90,15 @@ def split_calls(df: pd.DataFrame, cfg: DictConfig) -> tuple[np.ndarray, np.ndarr
 
 def fit_and_score(X_train, y_train, dates_train, X_test, y_test, cfg: DictConfig, log_transform: bool):
     """Tune selection + classifier by grouped time-series CV on the training calls, score the test calls."""
-    search = classifier_search(X_train.shape[1], sp.issparse(X_train), list(cfg.classifiers),
-                               list(cfg.selection.methods), list(cfg.selection.k_grid),
-                               cv=GroupedTimeSeriesSplit(int(cfg.cv.n_splits)), seed=int(cfg.seed),
-                               log_transform=log_transform)
-    search.fit(X_train, y_train, groups=dates_train)
+    with tempfile.TemporaryDirectory(prefix="saefeat-fits-") as memory:
+        search = classifier_search(X_train.shape[1], sp.issparse(X_train), list(cfg.classifiers),
+                                   list(cfg.selection.methods), list(cfg.selection.k_grid),
+                                   cv=GroupedTimeSeriesSplit(int(cfg.cv.n_splits)), seed=int(cfg.seed),
+                                   log_transform=log_transform, memory=memory)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="k=.*is greater than n_features")
+            search.fit(X_train, y_train, groups=dates_train)
+        search.best_estimator_.set_params(memory=None)
     scores = search.predict_proba(X_test)[:, 1]
     report = classification_report(y_test, scores, search.predict(X_test), n_boot=int(cfg.bootstrap),
                                    seed=int(cfg.seed))

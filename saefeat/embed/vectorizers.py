@@ -133,7 +133,7 @@ class SentenceVectorizer(_LazyModel):
 
     def _chunks(self, text: str) -> list[str]:
         tok = self.st.tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         size = self.st.max_seq_length - 2
         if len(ids) <= size:
             return [text]
@@ -150,7 +150,7 @@ class SentenceVectorizer(_LazyModel):
                                {"kind": "sentence", "model": self.model, "precision": self._precision()})
         hashes = [doc_hash(t) for t in texts]
         todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
-        out = np.zeros((len(texts), self.st.get_sentence_embedding_dimension()), np.float32)
+        out = np.zeros((len(texts), self._dim()), np.float32)
         if todo:
             from saefeat.embed.pooling import TokenStats
 
@@ -175,8 +175,12 @@ class SentenceVectorizer(_LazyModel):
                 out[cached] = cache.get([hashes[i] for i in cached]).sum
         return out
 
+    def _dim(self) -> int:
+        get = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
+        return int(get())
+
     def _precision(self) -> str:
         return resolve_precision(resolve_device(self.device), self.precision)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        return np.array([f"st_{i}" for i in range(self.st.get_sentence_embedding_dimension())], dtype=object)
+        return np.array([f"st_{i}" for i in range(self._dim())], dtype=object)

@@ -63,6 +63,8 @@ class TaskRun:
 def print_table(df: pd.DataFrame, title: str, console: Console | None = None) -> None:
     """Print metrics as `value [lo, hi]` where a metric has an interval."""
     console = console or Console()
+    if not console.is_terminal:  # logs and pipes: do not squeeze the table to 80 columns
+        console.width = max(console.width, 160)
     metrics = [c for c in df.columns if not c.endswith(("_lo", "_hi"))]
     t = Table(title=title)
     t.add_column(df.index.name or "")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 from lightgbm import LGBMClassifier, LGBMRegressor
-from sklearn.feature_selection import SelectFromModel, SelectKBest, f_classif
+from sklearn.feature_selection import SelectFromModel, SelectKBest, VarianceThreshold, f_classif
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
@@ -41,12 +41,15 @@ def selection_grid(n_features: int, methods: list[str], k_grid: list[int], seed:
 
 
 def classifier_search(n_features: int, sparse: bool, classifiers: list[str], selection: list[str],
-                      k_grid: list[int], cv, seed: int = 0, log_transform: bool = False) -> GridSearchCV:
+                      k_grid: list[int], cv, seed: int = 0, log_transform: bool = False,
+                      memory: str | None = None) -> GridSearchCV:
     """A grid search (ROC-AUC) over selector x classifier; selection is a pipeline step, so it is refitted
-    inside every training fold and never sees validation or test rows."""
+    inside every training fold and never sees validation or test rows. With `memory` (a folder), fitted
+    selectors are cached and shared by the classifiers tried on the same fold."""
     scale = MaxAbsScaler() if sparse else StandardScaler()
     steps = [("log", FunctionTransformer(_log1p, accept_sparse=True) if log_transform else "passthrough"),
-             ("scale", scale), ("select", "passthrough"), ("clf", "passthrough")]
+             ("scale", scale), ("nonconstant", VarianceThreshold()), ("select", "passthrough"),
+             ("clf", "passthrough")]
     selectors = selection_grid(n_features, selection, k_grid, seed)
     grid: list[dict[str, list[Any]]] = []
     if "logreg" in classifiers:
@@ -56,7 +59,9 @@ def classifier_search(n_features: int, sparse: bool, classifiers: list[str], sel
         grid.append({"select": selectors, "clf": [_lgbm(LGBMClassifier, seed, class_weight="balanced")]})
     if not grid:
         raise ValueError(f"no known classifier in {classifiers}; valid: logreg, lightgbm")
-    return GridSearchCV(Pipeline(steps), grid, scoring="roc_auc", cv=cv, n_jobs=1, refit=True, error_score=np.nan)
+    # nan, not raise: a validation fold of a small, imbalanced set can hold one class (no ROC-AUC)
+    return GridSearchCV(Pipeline(steps, memory=memory), grid, scoring="roc_auc", cv=cv, n_jobs=1, refit=True,
+                        error_score=np.nan)
 
 
 def regressor(seed: int = 0, log_transform: bool = False) -> Pipeline:
@@ -66,11 +71,13 @@ def regressor(seed: int = 0, log_transform: bool = False) -> Pipeline:
 
 
 def selected_features(pipeline: Pipeline, n_features: int) -> np.ndarray:
-    """Indices of the input features the fitted pipeline's selector kept."""
-    sel = pipeline.named_steps["select"]
-    if sel == "passthrough":
-        return np.arange(n_features)
-    return np.flatnonzero(sel.get_support())
+    """Indices of the input features the fitted pipeline kept (non-constant, then selected)."""
+    idx = np.arange(n_features)
+    for step in ("nonconstant", "select"):
+        sel = pipeline.named_steps.get(step, "passthrough")
+        if sel != "passthrough":
+            idx = idx[sel.get_support()]
+    return idx
 
 
 def feature_importance(pipeline: Pipeline, n_features: int) -> tuple[np.ndarray, np.ndarray]:
