@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from sklearn.base import TransformerMixin
 from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -30,7 +31,8 @@ def make_representation(name: str, model: str = "minilm", sae: str = "default", 
                 if k in embed}
         return SentenceVectorizer(model=sentence_model, **keep)
     if name == "tfidf":
-        return TfidfVectorizer(sublinear_tf=True, min_df=2, max_df=0.95, max_features=50_000, ngram_range=(1, 2))
+        return TfidfVectorizer(sublinear_tf=True, min_df=3, max_df=0.95, max_features=20_000, ngram_range=(1, 2),
+                               dtype=np.float32)
     raise ValueError(f"unknown representation {name!r}; valid: {', '.join(REPRESENTATIONS)}")
 
 
