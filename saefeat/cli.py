@@ -66,6 +66,26 @@ def embed(overrides: list[str] = Overrides) -> None:
     embed_file(load_config("embed", overrides or []))
 
 
+@app.command("index")
+@_friendly
+def index_cmd(overrides: list[str] = Overrides) -> None:
+    """Build an SAE retrieval index: `saefeat index input=corpus.jsonl output=idx/ [id_field=_id]`."""
+    from saefeat.config import load_config
+    from saefeat.retrieval.commands import index_file
+
+    index_file(load_config("index", overrides or []))
+
+
+@app.command()
+@_friendly
+def search(index: str = typer.Argument(..., help="index folder written by `saefeat index`"),
+           overrides: list[str] = Overrides) -> None:
+    """Search an index: `saefeat search idx/ query="..."` or `saefeat search idx/ examples=pos.txt`."""
+    from saefeat.retrieval.commands import run_search
+
+    run_search(index, overrides or [])
+
+
 @app.command()
 @_friendly
 def compare(overrides: list[str] = Overrides) -> None:
@@ -86,6 +106,26 @@ def compare(overrides: list[str] = Overrides) -> None:
     print_table(table, f"{experiment}: latest run {parent_id[:8]}")
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_figure(plot_comparison(table), "comparison.png")
+
+
+@app.command("describe-latents")
+@_friendly
+def describe_latents(overrides: list[str] = Overrides) -> None:
+    """Latent cards over a reference corpus: `saefeat describe-latents model=minilm sae=default corpus=default`."""
+    from saefeat.explain.commands import describe_latents as run_describe
+    from saefeat.explain.commands import latent_config
+
+    run_describe(latent_config("describe", overrides or []))
+
+
+@app.command()
+@_friendly
+def explain(overrides: list[str] = Overrides) -> None:
+    """Print a latent card (`saefeat explain latent=12`) or the latents per token (`saefeat explain text="..."`)."""
+    from saefeat.explain.commands import explain as run_explain
+    from saefeat.explain.commands import latent_config
+
+    run_explain(latent_config("explain", overrides or []))
 
 
 @app.command()

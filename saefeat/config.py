@@ -91,9 +91,13 @@ def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
         model = ov.pop("model", None) or "minilm"
         model_cfg = _load_named("models", model)
         cfg = OmegaConf.merge(base, _load_named("train", model), {"model": model_cfg})
-    elif kind == "embed":
+    elif kind in ("embed", "index"):
         model = ov.pop("model", None) or str(base.get("model", "minilm"))
         cfg = OmegaConf.merge(base, _load_named("commands", kind), {"model": _load_named("models", model)})
+    elif kind in ("describe", "explain"):  # `explain` reads the cards `describe-latents` writes: both key sets
+        model = ov.pop("model", None) or str(base.get("model", "minilm"))
+        parts = [_load_named("commands", n) for n in ("describe", "explain")[: 2 if kind == "explain" else 1]]
+        cfg = OmegaConf.merge(base, *parts, {"model": _load_named("models", model)})
     else:
         raise ConfigError(f"unknown config kind {kind!r}")
     cfg = apply_overrides(cfg, ov)

@@ -1,0 +1,125 @@
+"""Synthesizers from SDV (Gaussian copula, CTGAN) with conditional sampling on concept columns.
+
+SDV is distributed under the Business Source License 1.1 (free to use, but not to offer a commercial
+synthetic-data service); see https://github.com/sdv-dev/SDV/blob/main/LICENSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from saefeat.tabular.concepts import Concept
+from saefeat.tabular.schema import TableSchema
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("gaussian_copula", "tvae", "ctgan")
+
+
+def _table(out: pd.DataFrame | dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The sampled frame (SDV 2 returns {table name: frame})."""
+    return next(iter(out.values())) if isinstance(out, dict) else out
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ConditionalSynthesizer:
+    """An SDV single-table synthesizer that samples rows for a given condition ("500 rows of concept c").
+
+    Args:
+        schema: the column types of the training table (concept columns included, as categorical).
+        method: "gaussian_copula" (fast) or "ctgan".
+        epochs: CTGAN training epochs.
+        seed: random seed for fitting.
+        **kwargs: passed to the SDV synthesizer.
+
+    After `fit`, `train_index_` holds the index of the rows it was trained on, so evaluation can check that
+    the rows it is scored against are not among them.
+    """
+
+    def __init__(self, schema: TableSchema, method: str = "gaussian_copula", epochs: int = 300, seed: int = 0,
+                 **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"synth.method={method!r}; valid: {', '.join(METHODS)}")
+        self.schema, self.method, self.epochs, self.seed, self.kwargs = schema, method, epochs, seed, kwargs
+
+    def _build(self):
+        from sdv.single_table import CTGANSynthesizer, GaussianCopulaSynthesizer, TVAESynthesizer
+
+        metadata = self.schema.sdv_metadata()
+        if self.method == "ctgan":
+            return CTGANSynthesizer(metadata, epochs=self.epochs, verbose=False, **self.kwargs)
+        if self.method == "tvae":
+            return TVAESynthesizer(metadata, epochs=self.epochs, verbose=False, **self.kwargs)
+        return GaussianCopulaSynthesizer(metadata, **self.kwargs)
+
+    def fit(self, df: pd.DataFrame) -> ConditionalSynthesizer:
+        """Fit on `df`, whose columns must be exactly the schema's."""
+        if sorted(df.columns) != sorted(self.schema.columns):
+            extra = sorted(set(df.columns) - set(self.schema.columns))
+            lacking = sorted(set(self.schema.columns) - set(df.columns))
+            raise ValueError(f"the training table does not match the schema: extra columns {extra}, "
+                             f"missing columns {lacking}")
+        _seed_everything(self.seed)
+        self.model_ = self._build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SDV warns about its own defaults on every fit
+            self.model_.fit({"table": df[self.schema.columns]})  # SDV 2 takes {table name: frame}
+        self.train_index_ = df.index.copy()
+        self.categories_ = {c: set(df[c].dropna().astype(str)) for c in self.schema.categorical}
+        return self
+
+    def sample(self, n: int) -> pd.DataFrame:
+        """n unconditional rows."""
+        return self._clean(_table(self.model_.sample(num_rows=int(n))))
+
+    def sample_conditions(self, values: Mapping[str, str], n: int, max_tries_per_batch: int = 100) -> pd.DataFrame:
+        """n rows whose columns equal `values` (SDV's Condition API; other columns are sampled).
+
+        Raises a ValueError for an unknown column or a value never seen in training, and when SDV cannot
+        produce any matching row.
+        """
+        from sdv.sampling import Condition
+
+        for col, v in values.items():
+            if col not in self.schema.types:
+                raise ValueError(f"condition on unknown column {col!r}; columns: {self.schema.columns}")
+            if col in self.categories_ and str(v) not in self.categories_[col]:
+                raise ValueError(f"condition {col}={v!r}: value never seen in training; "
+                                 f"seen: {sorted(self.categories_[col])[:20]}")
+        cond = Condition(num_rows=int(n), column_values=dict(values))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = _table(self.model_.sample_from_conditions([cond], max_tries_per_batch=max_tries_per_batch))
+        if len(rows) < n:
+            logger.warning("condition %s: SDV returned %d of %d rows", dict(values), len(rows), n)
+        if len(rows) == 0:
+            raise ValueError(f"condition {dict(values)}: the synthesizer produced no matching row")
+        return self._clean(rows)
+
+    def sample_concept(self, concept: Concept, n: int, **conditions: str) -> pd.DataFrame:
+        """n rows of a concept, optionally with further column conditions."""
+        return self.sample_conditions({concept.column: concept.value, **conditions}, n)
+
+    def _clean(self, rows: pd.DataFrame) -> pd.DataFrame:
+        rows = rows[self.schema.columns].reset_index(drop=True)
+        start = getattr(self, "_n_sampled", 0)
+        self._n_sampled = start + len(rows)
+        rows.index = pd.Index([f"synthetic-{start + i}" for i in range(len(rows))])  # never a real row's label
+        for c in self.schema.categorical:
+            rows[c] = rows[c].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+        for c in self.schema.numerical:
+            rows[c] = rows[c].astype(float)
+        return rows

@@ -1,0 +1,210 @@
+"""Detox: steering hooks on the real smollm2, toxicity filters on real Jigsaw comments, save/load, bad input."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from helpers import random_sae
+
+from saefeat.detox.baselines import bad_words_ids
+from saefeat.detox.data import load_labelled_comments, load_prompts, natural_rate_subsample
+from saefeat.detox.evaluate import Condition, TfidfToxicityScorer, evaluate_conditions
+from saefeat.detox.filter import ToxicityFilter, choose_threshold
+from saefeat.detox.generation import generate, prompt_ids
+from saefeat.detox.latents import rank_toxic_latents
+from saefeat.detox.steering import SAELatentClamp, active_hooks, steer
+from saefeat.sae import SAE, SAEConfig, load_sae
+
+LAYER = 9
+
+
+@pytest.fixture(scope="module")
+def prompts(data_dir) -> list[str]:
+    return load_prompts(data_dir / "toxicity" / "rtp_challenging_toxic_prompts.jsonl")[:4]
+
+
+@pytest.fixture(scope="module")
+def comments(data_dir) -> tuple[list[str], np.ndarray]:
+    texts, y = load_labelled_comments(data_dir / "toxicity" / "jigsaw_toxic_balanced_8k.csv.gz")
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), 60, replace=False) for c in (0, 1)]))
+    return [texts[i][:600] for i in keep], y[keep]
+
+
+@pytest.fixture(scope="module")
+def smollm2_sae(tmp_path_factory) -> SAE:
+    path = random_sae(tmp_path_factory.mktemp("sae") / "smollm2", d_in=576, d_sae=1024, k=32, layer=LAYER,
+                      host="smollm2")
+    return load_sae(path)
+
+
+def _orthonormal_sae(d_in: int = 576, d_sae: int = 256, k: int = 16) -> SAE:
+    """An SAE whose encoder inverts its decoder exactly (orthonormal rows), so removing a latent's decoder
+    direction from the residual removes that latent from the re-encoded residual."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d_in, d_sae))
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, host="smollm2", layer=LAYER))
+    with torch.no_grad():
+        sae.W_dec.copy_(q.T)
+        sae.W_enc.copy_(q)
+        sae.b_dec.normal_(0, 0.1)
+    return sae.eval().requires_grad_(False)
+
+
+# ---- steering mechanics -------------------------------------------------------------------------------
+def test_zero_strength_generates_exactly_what_the_plain_model_does(smollm2, smollm2_sae, prompts):
+    plain = generate(smollm2, prompts, max_new_tokens=8, batch_size=4, show_progress_bar=False)
+    latents = list(range(0, 1024, 8))
+    with steer(smollm2, SAELatentClamp(smollm2_sae, latents, value=-20.0, strength=0.0)):
+        zero = generate(smollm2, prompts, max_new_tokens=8, batch_size=4, show_progress_bar=False)
+    assert zero.continuation_ids == plain.continuation_ids
+    with steer(smollm2, SAELatentClamp(smollm2_sae, latents, value=-20.0, strength=1.0)):
+        full = generate(smollm2, prompts, max_new_tokens=8, batch_size=4, show_progress_bar=False)
+    assert full.continuation_ids != plain.continuation_ids  # the same hook at full strength does act
+    # left padding in a batch gives what each prompt gives alone
+    alone = generate(smollm2, prompts[1:2], max_new_tokens=8, batch_size=1, show_progress_bar=False)
+    assert alone.continuation_ids[0] == plain.continuation_ids[1]
+
+
+def test_clamping_a_latent_to_zero_removes_its_activation_at_the_layer(smollm2, prompts):
+    sae = _orthonormal_sae()
+    ids, att = smollm2.pad_batch([smollm2.wrap(x)[0] for x in smollm2.tokenize(prompts[:2])])
+    before = smollm2.residual(ids, att, LAYER)
+    content = att.bool().clone()
+    content[:, 0] = False  # BOS
+    z = sae.encode(before)
+    latent = int((z[content] > 0).sum(0).argmax())
+    assert (z[content][:, latent] > 0).sum() >= 2
+    with steer(smollm2, SAELatentClamp(sae, [latent], value=0.0)):
+        after = smollm2.residual(ids, att, LAYER)  # its capture hook runs after the steering hook
+    z_after = sae.encode(after)
+    assert z_after[content][:, latent].abs().max() < 1e-3 * z[content][:, latent].max()
+    moved = (sae.pre_acts(after) - sae.pre_acts(before))[content].abs().amax(0)
+    assert moved[latent] > 0 and torch.cat([moved[:latent], moved[latent + 1:]]).max() < 1e-3 * moved[latent]
+    torch.testing.assert_close(after[:, 0], before[:, 0])  # the BOS position is left alone
+    assert active_hooks(smollm2, LAYER) == 0
+
+
+def test_hook_is_removed_when_generation_fails(smollm2, smollm2_sae, prompts):
+    before = active_hooks(smollm2, LAYER)
+
+    class Exploding(SAELatentClamp):
+        def __call__(self, x):
+            raise RuntimeError("boom in the steering hook")
+
+    with pytest.raises(RuntimeError, match="boom"), steer(smollm2, Exploding(smollm2_sae, [1])):
+        assert active_hooks(smollm2, LAYER) == before + 3
+        generate(smollm2, prompts[:2], max_new_tokens=4, show_progress_bar=False)
+    assert active_hooks(smollm2, LAYER) == before
+    with pytest.raises(KeyboardInterrupt), steer(smollm2, SAELatentClamp(smollm2_sae, [1])):
+        raise KeyboardInterrupt
+    assert active_hooks(smollm2, LAYER) == before
+
+
+def test_bad_input_is_refused_clearly(smollm2, smollm2_sae, minilm, tmp_path, prompts):
+    with pytest.raises(ValueError, match="trained on layer 9"), steer(smollm2, SAELatentClamp(smollm2_sae, [1]),
+                                                                     layer=5):
+        pass
+    minilm_sae = load_sae(random_sae(tmp_path / "minilm_sae"))
+    with pytest.raises(ValueError, match="d_in=384 does not match"), steer(smollm2, SAELatentClamp(minilm_sae, [1]),
+                                                                          layer=3):
+        pass
+    with pytest.raises(ValueError, match="out of range"):
+        SAELatentClamp(smollm2_sae, [5000])
+    with pytest.raises(ValueError, match="out of range for smollm2"), steer(
+            smollm2, SAELatentClamp(smollm2_sae, [1]), layer=40):
+        pass
+    long_prompt = "the cat sat on the mat " * 400
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens .* does not fit the 2048-token context"):
+        prompt_ids(smollm2, [prompts[0], long_prompt], max_new_tokens=20)
+    with pytest.raises(ValueError, match="not a causal language model"):
+        prompt_ids(minilm, prompts, max_new_tokens=5)
+    assert active_hooks(smollm2, LAYER) == 0
+
+
+# ---- filters -------------------------------------------------------------------------------------------
+def test_choose_threshold_meets_the_target_at_the_stated_base_rate():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 500)
+    s = np.concatenate([rng.normal(0, 1, 500), rng.normal(2, 1, 500)])
+    for prior in (0.5, 0.08):
+        t = choose_threshold(y, s, precision=0.9, prior=prior)
+        tpr, fpr = (s[y == 1] >= t).mean(), (s[y == 0] >= t).mean()
+        assert prior * tpr / (prior * tpr + (1 - prior) * fpr) >= 0.9
+    assert choose_threshold(y, s, precision=0.9, prior=0.08) > choose_threshold(y, s, precision=0.9, prior=0.5)
+    t = choose_threshold(y, s, recall=0.8)
+    assert (s[y == 1] >= t).mean() >= 0.8 and (s[y == 1] > t).mean() < 0.8
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_threshold(y, s)
+
+
+def test_natural_rate_subsample_keeps_every_clean_row():
+    y = np.repeat([0, 1], [900, 800])
+    keep = natural_rate_subsample(y, 0.08, seed=1)
+    assert (y[keep] == 0).sum() == 900 and abs(y[keep].mean() - 0.08) < 0.002
+
+
+def test_rank_toxic_latents_prefers_specific_latents():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    X = rng.random((200, 6)) * (rng.random((200, 6)) < 0.1)
+    X[y == 1, 2] = 3.0                      # fires on every toxic row, never on clean ones
+    X[:, 4] = 5.0 + y                       # fires everywhere: not specific
+    X[y == 0, 5] = 2.0                      # a clean latent
+    ranking = rank_toxic_latents(sp.csr_matrix(X), y, coef=np.ones(6), n=3, max_freq_clean=0.5)
+    assert ranking.latent.iloc[0] == 2
+    assert 4 not in ranking.latent.tolist() and 5 not in ranking.latent.tolist()
+
+
+@pytest.mark.parametrize("representation", ["sae", "tfidf"])
+def test_filter_round_trips_through_save_and_load(representation, comments, tmp_path):
+    texts, y = comments
+    params = {"model": "minilm", "sae": str(random_sae(tmp_path / "sae")), "max_tokens": 64,
+              "show_progress_bar": False}
+    filt = ToxicityFilter(representation, params if representation == "sae" else None, target="recall",
+                          target_value=0.7)
+    filt.fit(texts[::2], y[::2], texts[1::2], y[1::2])
+    p = filt.predict_proba(texts[1::2])[:, 1]
+    assert (filt.predict(texts[1::2])[y[1::2] == 1]).mean() >= 0.7
+    assert 0 < len(filt.filter(texts[1::2])) < len(texts[1::2])
+    path = filt.save(tmp_path / "filter")
+    assert not any(f.suffix in (".safetensors", ".gguf") for f in path.rglob("*"))  # settings, not host weights
+    loaded = ToxicityFilter.load(path)
+    np.testing.assert_allclose(loaded.predict_proba(texts[1::2])[:, 1], p, rtol=1e-6, atol=1e-9)
+    assert loaded.threshold_ == filt.threshold_ and loaded.get_params() == filt.get_params()
+    out = mlflow.pyfunc.load_model(str(path)).predict(pd.DataFrame({"text": texts[1::2]}))
+    np.testing.assert_allclose(out["toxicity"].to_numpy(), p, rtol=1e-6, atol=1e-9)
+    with pytest.raises(FileExistsError):
+        filt.save(path)
+    settings = next(path.rglob("filter.json"))
+    assert not list(path.rglob("*.pkl"))
+    if representation == "sae":  # fitted on another SAE than its settings now give: the weights do not apply
+        settings.write_text(settings.read_text().replace(filt.fingerprint_["sae"], "0123456789abcdef"))
+        with pytest.raises(ValueError, match="weights do not apply"):
+            ToxicityFilter.load(path)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+def test_evaluate_conditions_scores_tiers_and_bans_words(smollm2, smollm2_sae, prompts, comments):
+    texts, y = comments
+    plain = generate(smollm2, prompts, max_new_tokens=6, show_progress_bar=False)
+    words = sorted({w.strip(".,!?\"'").lower() for c in plain.continuations for w in c.split()} - {""})
+    conditions = [Condition("none"), Condition("clamp", SAELatentClamp(smollm2_sae, [3, 7], value=-5.0)),
+                  Condition("banned", bad_words_ids=bad_words_ids(smollm2.tokenizer, words))]
+    scorer = TfidfToxicityScorer().fit(texts, y)
+    table, gens, scores = evaluate_conditions(smollm2, conditions, prompts, [scorer], ["A quiet morning in town."],
+                                              n_boot=50, max_new_tokens=6, show_progress_bar=False)
+    assert list(table.index) == ["none", "clamp", "banned"]
+    assert gens["none"].continuation_ids == plain.continuation_ids
+    assert table.loc["none", "tfidf_mean_change"] == 0 and table.loc["none", "ppl_change"] == 0
+    assert table.loc["banned", "capability_ppl"] == table.loc["none", "capability_ppl"]
+    assert table.loc["clamp", "capability_ppl"] != table.loc["none", "capability_ppl"]
+    assert np.isfinite(table[["ppl", "tfidf_mean", "tfidf_share"]].to_numpy()).all()
+    single = {seq[0] for seq in bad_words_ids(smollm2.tokenizer, words) if len(seq) == 1}
+    assert single & {t for c in plain.continuation_ids for t in c}
+    assert not single & {t for c in gens["banned"].continuation_ids for t in c}
+    assert len(scores["clamp"]["tfidf"]) == len(prompts)
