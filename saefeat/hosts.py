@@ -87,7 +87,9 @@ class HostModel:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens and without truncation."""
-        return [self.tokenizer(t, add_special_tokens=False, truncation=False)["input_ids"] for t in texts]
+        if not texts:
+            return []
+        return list(self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"])
 
     def wrap(self, ids: list[int]) -> tuple[list[int], list[bool]]:
         """Add the model's special tokens around a window; return (ids, is_content mask).

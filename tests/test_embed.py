@@ -154,7 +154,14 @@ def test_embed_cli_writes_npz_and_ids(sae_path, tmp_path):
     X = load_sparse(out)
     assert X.shape == (2, 512)
     direct = SAEEmbedder("minilm", sae=sae_path).encode(["first doc", "second document here"])
-    np.testing.assert_array_equal(X.toarray(), direct.toarray())
+    np.testing.assert_array_equal(X.indices, direct.indices)  # float16 values by default: same latents,
+    np.testing.assert_allclose(X.toarray(), direct.toarray(), rtol=1e-3)  # values within float16 rounding
+    exact = tmp_path / "exact.npz"
+    res = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=body", f"output={exact}", "value_dtype=float32",
+                                   f"sae.path={sae_path}"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(load_sparse(exact).toarray(), direct.toarray())
+    assert exact.stat().st_size > out.stat().st_size
     assert out.with_suffix(".ids.txt").read_text().split() == ["a", "b"]
     bad = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=text", f"output={out}"])
     assert bad.exit_code == 2 and "missing column" in bad.output

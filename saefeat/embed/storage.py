@@ -1,4 +1,8 @@
-"""Compact on-disk storage of sparse embeddings: the smallest index dtype, float32 or float16 values."""
+"""Compact on-disk storage of sparse embeddings: the smallest index dtypes, float16 or float32 values.
+
+float16 is the default: activations computed under bf16 autocast carry 8 significant bits, float16 keeps 11,
+so it loses nothing there (and at most a 5e-4 relative error on fp32 runs); float32 stores them exactly.
+"""
 
 from __future__ import annotations
 
@@ -16,26 +20,33 @@ def index_dtype(n_cols: int) -> np.dtype:
     return np.dtype(np.uint16) if n_cols <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def save_sparse(path: str | Path, X: sp.csr_matrix, values: str = "float32") -> None:
+def pointer_dtype(nnz: int) -> np.dtype:
+    return np.dtype(np.int32) if nnz <= np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
+def save_sparse(path: str | Path, X: sp.csr_matrix, values: str = "float16") -> None:
     """Write a CSR matrix to .npz atomically; latent ids as uint16 when d_sae <= 65536."""
     if values not in VALUE_DTYPES:
         raise ValueError(f"values must be one of {VALUE_DTYPES}, got {values!r}")
     X = sp.csr_matrix(X)
+    if values == "float16" and X.nnz and np.abs(X.data).max() > np.finfo(np.float16).max:
+        raise ValueError(f"values up to {np.abs(X.data).max():.3g} overflow float16; save with values='float32'")
     arrays = {"data": X.data.astype(values), "indices": X.indices.astype(index_dtype(X.shape[1])),
-              "indptr": X.indptr.astype(np.int64), "shape": np.array(X.shape, dtype=np.int64)}
+              "indptr": X.indptr.astype(pointer_dtype(X.nnz)), "shape": np.array(X.shape, dtype=np.int64)}
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_sparse(path: str | Path) -> sp.csr_matrix:
     """Read a matrix written by `save_sparse` (float32 values, int32 indices in memory)."""
     with np.load(path, allow_pickle=False) as z:
-        return sp.csr_matrix((z["data"].astype(np.float32), z["indices"].astype(np.int32), z["indptr"]),
-                             shape=tuple(z["shape"]))
+        data, indices, indptr = z["data"].astype(np.float32), z["indices"].astype(np.int32), z["indptr"]
+        return sp.csr_matrix((data, indices, indptr.astype(np.int64)), shape=tuple(z["shape"]))
 
 
-def stored_bytes(X: sp.csr_matrix | np.ndarray, values: str = "float32") -> int:
+def stored_bytes(X: sp.csr_matrix | np.ndarray, values: str = "float16") -> int:
     """Bytes of the arrays `save_sparse` writes for X (dense arrays: n x d x 4)."""
     if not sp.issparse(X):
         return int(np.asarray(X).size * 4)
     nnz, n = X.nnz, X.shape[0]
-    return nnz * (np.dtype(values).itemsize + index_dtype(X.shape[1]).itemsize) + (n + 1) * 8
+    return nnz * (np.dtype(values).itemsize + index_dtype(X.shape[1]).itemsize) + (n + 1) * pointer_dtype(
+        nnz).itemsize

@@ -75,7 +75,7 @@ class SAE(nn.Module):
         x = x.to(self.W_enc.dtype) * self.cfg.input_scale
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc).reshape(*x.shape[:-1], self.d_sae)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
@@ -84,9 +84,9 @@ class SAE(nn.Module):
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse encoding of a top-k SAE: (values, indices), each (..., k)."""
         self._check(x)
-        pre = F.relu(self.pre_acts(x))
-        vals, idx = pre.topk(k or self.k, dim=-1, sorted=False)
-        return vals, idx
+        # top-k before ReLU: the same code, without a ReLU pass over all d_sae pre-activations
+        vals, idx = self.pre_acts(x).topk(k or self.k, dim=-1, sorted=False)
+        return F.relu(vals), idx
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations (..., d_sae)."""
