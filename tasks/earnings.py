@@ -94,7 +94,7 @@ def fit_and_score(X_train, y_train, dates_train, X_test, y_test, cfg: DictConfig
         search = classifier_search(X_train.shape[1], sp.issparse(X_train), list(cfg.classifiers),
                                    list(cfg.selection.methods), list(cfg.selection.k_grid),
                                    cv=GroupedTimeSeriesSplit(int(cfg.cv.n_splits)), seed=int(cfg.seed),
-                                   log_transform=log_transform, memory=memory)
+                                   log_transform=log_transform, memory=memory, n_jobs=cfg.n_jobs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="k=.*is greater than n_features")
             search.fit(X_train, y_train, groups=dates_train)
@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
                                                        log_counts)
                 metrics.update(report)
                 if target is not None:
-                    reg = regressor(int(cfg.seed), log_counts).fit(X_train, target[train])
+                    reg = regressor(int(cfg.seed), log_counts, int(cfg.n_jobs)).fit(X_train, target[train])
                     metrics.update(regression_report(target[test], reg.predict(X_test), n_boot=int(cfg.bootstrap),
                                                      seed=int(cfg.seed)))
                 metrics["seconds"] = time.time() - t_rep

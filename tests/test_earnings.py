@@ -91,7 +91,7 @@ def test_feature_selection_never_sees_test_rows(monkeypatch):
     seen = _SEEN
     seen.clear()
     monkeypatch.setattr(ms, "f_classif", _spy_f_classif)
-    cfg = _cfg("unused")
+    cfg = _cfg("unused", "n_jobs=1")  # in process, where the spy can see every fit
     fit_and_score(X[:n_train], y[:n_train], dates, X[n_train:], y[n_train:], cfg, log_transform=False)
     assert seen, "the selector was never fitted"
     assert all(marker <= 1.0 for _, marker in seen)  # no test row ever reached the selector

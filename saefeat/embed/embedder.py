@@ -121,7 +121,7 @@ class SAEEmbedder:
         docs = check_texts(list(docs), field="docs")
         docs_ids = self._token_ids(docs)
         parts = []
-        with tqdm(total=len(docs), desc="encode tokens", unit="doc", disable=not show_progress_bar) as bar:
+        with _progress(len(docs), "encode tokens", not show_progress_bar) as bar:
             for doc, pos, x in self._token_batches(docs_ids, batch_size, bar):
                 r, c, v = self._encode_sae(x)
                 keep = pos[r] >= 0  # special tokens kept by keep_special have no position in the document
@@ -148,7 +148,7 @@ class SAEEmbedder:
             todo.sort(key=lambda h: len(first[h]), reverse=True)
             if show_progress_bar is None:
                 show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(todo) > 1
-            bar = tqdm(total=len(todo), desc=f"encode {kind}", unit="doc", disable=not show_progress_bar)
+            bar = _progress(len(todo), f"encode {kind}", not show_progress_bar)
             try:
                 for chunk in _chunks(todo, [len(first[h]) for h in todo]):
                     # the dense statistics come free with an SAE pass, so that pass caches both
@@ -211,8 +211,9 @@ class SAEEmbedder:
                 pos += list(range(w.own_start, w.own_end)) + [-1] * (len(cols) - len(own))
             dev = acts.device
             x = acts[torch.tensor(sel_rows, device=dev), torch.tensor(sel_cols, device=dev)]
-            if bar is not None:
-                bar.update(sum((w.own_end - w.own_start) / max(1, len(docs_ids[w.doc])) for w in batch))
+            if bar is not None:  # fractions of documents: long documents advance window by window
+                done = sum((w.own_end - w.own_start) / max(1, len(docs_ids[w.doc])) for w in batch)
+                bar.update(min(done, bar.total - bar.n))
             yield torch.tensor(docs, device=dev), torch.tensor(pos, device=dev), x
 
     def _encode_sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,6 +259,11 @@ class SAEEmbedder:
 
         out["sae"] = TokenStats(n_tokens, to_csr(sae_sum), to_csr(sae_max), to_csr(sae_cnt))
         return out
+
+
+def _progress(total: int, desc: str, disable: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="doc", disable=disable,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
 def _chunks(items: list[str], sizes: list[int], max_chars: int = 400_000, max_docs: int = 512) -> Iterator[list[str]]:

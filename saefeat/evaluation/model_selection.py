@@ -14,9 +14,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler, StandardScaler
 
 
-def _lgbm(cls, seed: int, **kw):
+def _lgbm(cls, seed: int, n_jobs: int = 1, **kw):
     return cls(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=10, subsample=0.8,
-               subsample_freq=1, colsample_bytree=0.5, random_state=seed, n_jobs=1, verbose=-1, **kw)
+               subsample_freq=1, colsample_bytree=0.5, random_state=seed, n_jobs=n_jobs, verbose=-1, **kw)
 
 
 def _log1p(X):
@@ -27,14 +27,22 @@ def _log1p(X):
     return np.sign(X) * np.log1p(np.abs(X))
 
 
+def _half(X) -> int:
+    return max(1, X.shape[1] // 2)
+
+
 def selection_grid(n_features: int, methods: list[str], k_grid: list[int], seed: int) -> list[Any]:
-    """Selectors to try: ANOVA SelectKBest(f_classif, k) per k, and tree-based SelectFromModel(median)."""
+    """Selectors to try: ANOVA SelectKBest(f_classif, k) per k, and tree-based SelectFromModel keeping the half
+    of the features above the median importance."""
     out: list[Any] = []
     if "anova" in methods:
         ks = sorted({min(int(k), n_features) for k in k_grid})
         out += [SelectKBest(f_classif, k=k) for k in ks]
     if "tree" in methods:
-        out.append(SelectFromModel(_lgbm(LGBMClassifier, seed, class_weight="balanced"), threshold="median"))
+        # "median" as the top half by importance: with threshold="median" the many zero-importance features of a
+        # wide sparse matrix tie at a median of 0 and every feature would pass
+        out.append(SelectFromModel(_lgbm(LGBMClassifier, seed, class_weight="balanced"), threshold=-np.inf,
+                                   max_features=_half))
     if "none" in methods or not out:
         out.append("passthrough")
     return out
@@ -42,10 +50,11 @@ def selection_grid(n_features: int, methods: list[str], k_grid: list[int], seed:
 
 def classifier_search(n_features: int, sparse: bool, classifiers: list[str], selection: list[str],
                       k_grid: list[int], cv, seed: int = 0, log_transform: bool = False,
-                      memory: str | None = None) -> GridSearchCV:
+                      memory: str | None = None, n_jobs: int | None = None) -> GridSearchCV:
     """A grid search (ROC-AUC) over selector x classifier; selection is a pipeline step, so it is refitted
     inside every training fold and never sees validation or test rows. With `memory` (a folder), fitted
-    selectors are cached and shared by the classifiers tried on the same fold."""
+    selectors are cached and shared by the classifiers tried on the same fold. `n_jobs` fits candidates in
+    parallel processes (-1: all cores); each LightGBM fit itself stays single-threaded."""
     scale = MaxAbsScaler() if sparse else StandardScaler()
     steps = [("log", FunctionTransformer(_log1p, accept_sparse=True) if log_transform else "passthrough"),
              ("scale", scale), ("nonconstant", VarianceThreshold()), ("select", "passthrough"),
@@ -60,14 +69,14 @@ def classifier_search(n_features: int, sparse: bool, classifiers: list[str], sel
     if not grid:
         raise ValueError(f"no known classifier in {classifiers}; valid: logreg, lightgbm")
     # nan, not raise: a validation fold of a small, imbalanced set can hold one class (no ROC-AUC)
-    return GridSearchCV(Pipeline(steps, memory=memory), grid, scoring="roc_auc", cv=cv, n_jobs=1, refit=True,
+    return GridSearchCV(Pipeline(steps, memory=memory), grid, scoring="roc_auc", cv=cv, n_jobs=n_jobs, refit=True,
                         error_score=np.nan)
 
 
-def regressor(seed: int = 0, log_transform: bool = False) -> Pipeline:
-    """LightGBM regression of a continuous target (e.g. the EPS surprise)."""
+def regressor(seed: int = 0, log_transform: bool = False, n_jobs: int = -1) -> Pipeline:
+    """LightGBM regression of a continuous target (e.g. the EPS surprise); `n_jobs` LightGBM threads."""
     return Pipeline([("log", FunctionTransformer(_log1p, accept_sparse=True) if log_transform else "passthrough"),
-                     ("reg", _lgbm(LGBMRegressor, seed))])
+                     ("reg", _lgbm(LGBMRegressor, seed, n_jobs=n_jobs))])
 
 
 def selected_features(pipeline: Pipeline, n_features: int) -> np.ndarray:
