@@ -64,6 +64,8 @@ def check_config(cfg: DictConfig) -> None:
     for name, value in s.tiers.items():
         if not isinstance(value, int | float) or value < 0:
             raise ValueError(f"steering.tiers.{name} must be a number >= 0 (clamp to -value x mean activation)")
+    if s.where not in ("all", "active"):
+        raise ValueError(f"steering.where must be 'all' or 'active', got {s.where!r}")
     for key in ("n_latent_docs", "n_latents", "n_prompts", "max_new_tokens", "batch_size"):
         if int(s[key]) < 1:
             raise ValueError(f"steering.{key} must be at least 1, got {s[key]}")
@@ -185,8 +187,9 @@ def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[st
     latents, ref = ranking.latent.tolist(), ranking.act_toxic.to_numpy()
     conditions = [Condition("none", description="no intervention")]
     for tier, mult in s.tiers.items():
-        conditions.append(Condition(tier, SAELatentClamp(emb.sae, latents, value=(-float(mult) * ref).tolist()),
-                                    description=f"clamp {len(latents)} latents to -{mult} x mean toxic activation"))
+        clamp = SAELatentClamp(emb.sae, latents, value=(-float(mult) * ref).tolist(), where=str(s.where))
+        conditions.append(Condition(tier, clamp, description=f"clamp {len(latents)} latents to -{mult} x mean toxic "
+                                                             f"activation ({s.where} positions)"))
     conditions.append(Condition("diff_in_means", diff_in_means(emb, sub_texts, sub_y, float(s.diff_means_alpha)),
                                 description=f"add {s.diff_means_alpha} x (mean clean - mean toxic) at layer "
                                             f"{emb.layer}"))

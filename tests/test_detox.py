@@ -89,6 +89,27 @@ def test_clamping_a_latent_to_zero_removes_its_activation_at_the_layer(smollm2, 
     assert active_hooks(smollm2, LAYER) == 0
 
 
+def test_active_clamping_leaves_positions_where_the_latent_is_silent(smollm2, prompts):
+    sae = _orthonormal_sae()
+    ids, att = smollm2.pad_batch([smollm2.wrap(x)[0] for x in smollm2.tokenize(prompts[:2])])
+    before = smollm2.residual(ids, att, LAYER)
+    content = att.bool().clone()
+    content[:, 0] = False  # BOS
+    z = sae.encode(before)
+    fires = (z.gt(0) & content.unsqueeze(-1)).sum((0, 1))
+    latent = int(((fires > 0) & (fires < content.sum())).int().argmax())  # fires at some positions, not all
+    active = z[..., latent] > 0
+    assert (active & content).any() and (~active & content).any()
+    with steer(smollm2, SAELatentClamp(sae, [latent], value=-2.0, where="active")):
+        after = smollm2.residual(ids, att, LAYER)
+    silent = ~active & content
+    torch.testing.assert_close(after[silent], before[silent])  # no edit where the latent does not fire
+    assert (after[active & content] - before[active & content]).abs().amax() > 0
+    with steer(smollm2, SAELatentClamp(sae, [latent], value=-2.0, where="all")):
+        everywhere = smollm2.residual(ids, att, LAYER)
+    assert (everywhere[silent] - before[silent]).abs().amax() > 0  # "all" pushes every position
+
+
 def test_hook_is_removed_when_generation_fails(smollm2, smollm2_sae, prompts):
     before = active_hooks(smollm2, LAYER)
 
