@@ -169,7 +169,7 @@ def test_task_runs_end_to_end(data_dir):
 
     cfg = load_config("tasks", ["task=tabular", f"data_dir={data_dir}", "encode.n_rows=200", "encode.n_holdout=60",
                                 "encode.n_per_concept=10", "concepts.n_clusters=3", "n_boot=20",
-                                "classifier.n_estimators=60", "embed.show_progress_bar=false"])
+                                "classifier.n_estimators=60", "synth.epochs=5", "embed.show_progress_bar=false"])
     out = get_task("tabular")(cfg)
     assert out["n_synth_train_rows"] == 200 and out["faithfulness_concepts_eligible"] >= 0
     assert 0 <= out["faithfulness_mean_rate"] <= 1 and 0 < out["utility_ratio"] < 1.5
