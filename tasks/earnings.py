@@ -29,6 +29,7 @@ from saefeat.evaluation.comparison import TaskRun
 from saefeat.evaluation.metrics import classification_report, regression_report
 from saefeat.evaluation.model_selection import classifier_search, feature_importance, regressor
 from saefeat.evaluation.splits import GroupedTimeSeriesSplit, random_split, temporal_split
+from saefeat.explain.report import log_latent_report
 from saefeat.representations import representation_from_config
 
 logger = logging.getLogger(__name__)
@@ -166,9 +167,4 @@ def _explain(rep, search, n_features: int, texts: list[str], top: int) -> None:
     order = np.argsort(-imp)[:top]
     latents, importance = idx[order], imp[order]
     mlflow.log_dict({"selected_latents": idx.tolist()}, "selected_latents.json")
-    try:
-        from saefeat.explain.report import log_latent_report
-    except ImportError:  # explanations are optional for a task run
-        logger.warning("saefeat.explain is unavailable; skipping the latent report")
-        return
     log_latent_report(rep.embedder, latents.tolist(), importance.tolist(), texts=texts, title="earnings: top latents")

@@ -70,13 +70,18 @@ def test_zero_strength_generates_exactly_what_the_plain_model_does(smollm2, smol
     assert alone.continuation_ids[0] == plain.continuation_ids[1]
 
 
-def test_clamping_a_latent_to_zero_removes_its_activation_at_the_layer(smollm2, prompts):
+def _two_prompts_at_the_layer(smollm2, prompts):
+    """An orthonormal SAE, two padded prompts, their residual at LAYER, the content mask and the SAE codes."""
     sae = _orthonormal_sae()
     ids, att = smollm2.pad_batch([smollm2.wrap(x)[0] for x in smollm2.tokenize(prompts[:2])])
     before = smollm2.residual(ids, att, LAYER)
     content = att.bool().clone()
     content[:, 0] = False  # BOS
-    z = sae.encode(before)
+    return sae, ids, att, before, content, sae.encode(before)
+
+
+def test_clamping_a_latent_to_zero_removes_its_activation_at_the_layer(smollm2, prompts):
+    sae, ids, att, before, content, z = _two_prompts_at_the_layer(smollm2, prompts)
     latent = int((z[content] > 0).sum(0).argmax())
     assert (z[content][:, latent] > 0).sum() >= 2
     with steer(smollm2, SAELatentClamp(sae, [latent], value=0.0)):
@@ -90,12 +95,7 @@ def test_clamping_a_latent_to_zero_removes_its_activation_at_the_layer(smollm2, 
 
 
 def test_active_clamping_leaves_positions_where_the_latent_is_silent(smollm2, prompts):
-    sae = _orthonormal_sae()
-    ids, att = smollm2.pad_batch([smollm2.wrap(x)[0] for x in smollm2.tokenize(prompts[:2])])
-    before = smollm2.residual(ids, att, LAYER)
-    content = att.bool().clone()
-    content[:, 0] = False  # BOS
-    z = sae.encode(before)
+    sae, ids, att, before, content, z = _two_prompts_at_the_layer(smollm2, prompts)
     fires = (z.gt(0) & content.unsqueeze(-1)).sum((0, 1))
     latent = int(((fires > 0) & (fires < content.sum())).int().argmax())  # fires at some positions, not all
     active = z[..., latent] > 0

@@ -222,7 +222,8 @@ class SAEEmbedder:
         return autocast(self.device, self.precision)
 
     def _encode_sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), autocast(self.device, self.precision):
+        """SAE codes of a batch; callers run it inside `_cast_once`, which sets the precision."""
+        with torch.no_grad():
             return self.sae.encode_sparse(x)
 
     @torch.no_grad()
