@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class HostModel:
     max_length: int
     blocks: nn.ModuleList = field(repr=False)
     fingerprint: str = ""
+    trained_length: int | None = None  # sequence length the model was trained for, when it says so
 
     def hook_name(self, layer: int) -> str:
         """The SAELens name of the hook point (`blocks.L.hook_resid_post`)."""
@@ -120,6 +122,14 @@ class HostModel:
         """Content tokens that fit in one forward pass next to the special tokens."""
         n_special = 1 if self.is_causal else sum(map(len, self.special_template))
         return self.max_length - n_special
+
+    @property
+    def default_window(self) -> int:
+        """Content tokens per window by default: the model's trained sequence length where known (e.g. 256 for
+        all-MiniLM-L6-v2, whose position table holds 512), else the full context."""
+        if self.trained_length is None:
+            return self.window_capacity
+        return min(self.window_capacity, self.trained_length - (self.max_length - self.window_capacity))
 
     def pad_batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
@@ -176,6 +186,15 @@ def _fingerprint(target: str, gguf: str | None) -> str:
     return h.hexdigest()[:16]
 
 
+def _trained_length(target: str) -> int | None:
+    """`max_seq_length` of a local sentence-transformers folder (its training and inference length)."""
+    cfg = Path(target) / "sentence_bert_config.json"
+    if not cfg.is_file():
+        return None
+    value = json.loads(cfg.read_text()).get("max_seq_length")
+    return int(value) if value else None
+
+
 def load_host(name_or_path: str, device: str | torch.device | None = None,
               dtype: torch.dtype | None = None) -> HostModel:
     """Load a Hugging Face encoder or causal LM (alias `minilm`/`smollm2`, hub id, folder or .gguf file)."""
@@ -209,4 +228,5 @@ def load_host(name_or_path: str, device: str | torch.device | None = None,
         max_length=max_len,
         blocks=find_blocks(model, n_layers),
         fingerprint=_fingerprint(target, gguf),
+        trained_length=_trained_length(target),
     )

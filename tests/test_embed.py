@@ -50,11 +50,22 @@ def test_window_pooling_is_exact(sae_path, pooling):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_dense_window_pooling_matches_token_count(sae_path):
-    emb = SAEEmbedder("minilm", sae=sae_path, window=48, overlap=12, cache_dir=False)
-    stats = emb.encode_stats([LONG], kind="dense")
-    assert stats.n_tokens[0] == len(emb.host.tokenize([LONG])[0])
-    np.testing.assert_allclose(emb.encode_dense([LONG], pooling="mean"), stats.sum / stats.n_tokens[0], rtol=1e-5)
+def test_dense_window_pooling_is_exact(sae_path):
+    """Batched, windowed dense pooling equals pooling each window's owned tokens computed one window at a time."""
+    emb = SAEEmbedder("minilm", sae=sae_path, window=48, overlap=12, cache_dir=False, precision="fp32")
+    host = emb.host
+    pooled = {p: emb.encode_dense(DOCS, pooling=p) for p in ("mean", "max", "sum")}
+    for i, ids in enumerate(host.tokenize(DOCS)):
+        owned = []
+        for w in split_windows(0, len(ids), 48, 12, host.is_causal):
+            wrapped, content = host.wrap(ids[w.start:w.end])
+            acts = host.residual(*host.pad_batch([wrapped]), emb.layer, "fp32")[0]
+            first = content.index(True)
+            owned.append(acts[first + w.own_start - w.start:first + w.own_end - w.start])
+        tokens = np.concatenate([a.numpy() for a in owned])
+        assert len(tokens) == len(ids)
+        for pooling, direct in (("mean", tokens.mean(0)), ("max", tokens.max(0)), ("sum", tokens.sum(0))):
+            np.testing.assert_allclose(pooled[pooling][i], direct, rtol=1e-4, atol=1e-4)
 
 
 def test_order_is_preserved_under_length_sorting(sae_path):

@@ -42,3 +42,13 @@ def test_special_tokens_are_marked(minilm, smollm2):
 def test_bad_layer_is_refused(minilm):
     with pytest.raises(ValueError, match="out of range"):
         minilm.check_layer(6)
+
+
+def test_default_window_is_the_trained_length(minilm, smollm2):
+    # all-MiniLM-L6-v2 holds 512 positions but was trained and is served at 256 tokens ([CLS] + 254 + [SEP])
+    assert minilm.window_capacity == 510 and minilm.trained_length == 256
+    assert minilm.default_window == 254
+    ids = minilm.tokenize(["word " * 600])[0]
+    wrapped, _ = minilm.wrap(ids[:minilm.default_window])
+    assert len(wrapped) == 256
+    assert smollm2.trained_length is None and smollm2.default_window == smollm2.window_capacity

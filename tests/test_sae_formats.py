@@ -120,3 +120,26 @@ def test_wrong_width_sae_is_refused(tmp_path, minilm):
     save_sae(sae, tmp_path / "wide")
     with pytest.raises(ValueError, match=r"d_in=576.*minilm.*d_model=384"):
         SAEEmbedder("minilm", sae=tmp_path / "wide")
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
+def test_encode_sparse_in_chunks_matches_dense_encode(monkeypatch, architecture):
+    """The CPU path encodes rows chunk by chunk; every chunk's rows must land at their own row ids."""
+    import saefeat.sae.model as model
+
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture, k=5 if architecture == "topk" else None))
+    with torch.no_grad():
+        for name, value in _weights(7).items():
+            getattr(sae, name).copy_(value)
+        if architecture == "jumprelu":
+            sae.threshold.fill_(0.4)
+    monkeypatch.setattr(model, "_CPU_CHUNK_ELEMENTS", 7 * D_SAE)  # 7 rows per chunk: 50 rows make 8 chunks
+    x = _x(seed=3, shape=(50, D_IN))
+    with torch.no_grad():
+        rows, cols, vals = sae.encode_sparse(x)
+        want = sae.encode(x)
+    got = torch.zeros_like(want)
+    got[rows, cols] = vals
+    assert rows.max() >= 43  # the last chunk's rows are really there
+    torch.testing.assert_close(got, want)
+    assert bool((vals > 0).all())

@@ -54,7 +54,8 @@ class SAEEmbedder:
         pooling: max, mean, sum, count, binary or topk (see `saefeat.embed.pooling.pool`).
         k: latents kept per document by `topk` pooling.
         sae_k: override the k of a TopK SAE at inference.
-        window, overlap: tokens per forward pass (default: the model's context) and shared between windows.
+        window, overlap: content tokens per forward pass (default: the length the model was trained on, else
+            its context) and tokens shared between neighbouring windows.
         max_tokens: explicit cap on tokens read per document (logged when it cuts); None reads everything.
         keep_special: pool special tokens (CLS/SEP/BOS) too; excluded by default.
         cache_dir: folder of the on-disk cache (`$SAEFEAT_CACHE` or ~/.cache/saefeat); False disables it.
@@ -80,7 +81,7 @@ class SAEEmbedder:
                 raise ValueError(f"sae_k applies to TopK SAEs only; this is a {self.sae.cfg.architecture} SAE")
             self.sae.cfg.k = int(sae_k)
         self.model_name, self.pooling, self.k = model, pooling, k
-        self.window = min(window or self.host.window_capacity, self.host.window_capacity)
+        self.window = min(window or self.host.default_window, self.host.window_capacity)
         self.overlap, self.max_tokens, self.keep_special = overlap, max_tokens, keep_special
         self.precision = resolve_precision(self.device, precision)
         split_windows(0, 1, self.window, self.overlap, self.host.is_causal)  # validates window/overlap early
@@ -151,8 +152,8 @@ class SAEEmbedder:
             bar = _progress(len(todo), f"encode {kind}", not show_progress_bar)
             try:
                 for chunk in _chunks(todo, [len(first[h]) for h in todo]):
-                    # the dense statistics come free with an SAE pass, so that pass caches both
-                    kinds = ("sae", "dense") if kind == "sae" else ("dense",)
+                    # an SAE pass gets the dense statistics almost free, so with a cache it stores both
+                    kinds = ("sae", "dense") if kind == "sae" and cache is not None else (kind,)
                     computed = self._compute_stats([first[h] for h in chunk], batch_size, bar, kinds)
                     for other, stats in computed.items():
                         other_cache = self._cache(other)
@@ -235,8 +236,8 @@ class SAEEmbedder:
         dev = self.device
         n_tok = torch.zeros(n, dtype=torch.long, device=dev)
         sae_sum, sae_max, sae_cnt = (torch.zeros(n * d_sae if "sae" in kinds else 0, device=dev) for _ in range(3))
-        dense_sum = torch.zeros(n * d, device=dev)
-        dense_max = torch.full((n * d,), -torch.inf, device=dev)
+        dense_sum = torch.zeros(n, d, device=dev)
+        dense_max = torch.full((n, d), -torch.inf, device=dev)
         with self._cast_once():
             for doc, _, x in self._token_batches(docs_ids, batch_size, bar):
                 n_tok.index_add_(0, doc, torch.ones_like(doc))
@@ -247,14 +248,14 @@ class SAEEmbedder:
                     sae_max.scatter_reduce_(0, flat, v, reduce="amax")
                     sae_cnt.index_add_(0, flat, torch.ones_like(v))
                 if "dense" in kinds:
-                    flat = (doc[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
-                    dense_sum.index_add_(0, flat, x.reshape(-1))
-                    dense_max.scatter_reduce_(0, flat, x.reshape(-1), reduce="amax")
+                    # row-wise updates of (n, d): ~30x faster on CPU than the same scatter over a flat index
+                    dense_sum.index_add_(0, doc, x)
+                    dense_max.scatter_reduce_(0, doc[:, None].expand_as(x), x, reduce="amax")
         n_tokens = n_tok.cpu().numpy()
         out: dict[str, TokenStats] = {}
         if "dense" in kinds:
             dense_max = torch.where(torch.isinf(dense_max), torch.zeros_like(dense_max), dense_max)
-            out["dense"] = TokenStats(n_tokens, dense_sum.view(n, d).cpu().numpy(), dense_max.view(n, d).cpu().numpy())
+            out["dense"] = TokenStats(n_tokens, dense_sum.cpu().numpy(), dense_max.cpu().numpy())
         if "sae" not in kinds:
             return out
         nz = sae_cnt.view(n, d_sae).nonzero(as_tuple=True)
