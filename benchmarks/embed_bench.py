@@ -1,9 +1,11 @@
 """Embedding throughput, memory and storage: `sae` vs `dense` vs sentence-transformers, same documents.
 
-    python benchmarks/embed_bench.py [--n-docs 2000] [--precision fp32|bf16] [--device cpu|cuda]
+    python benchmarks/embed_bench.py [--n-docs 2000] [--repeats 3] [--precision fp32|bf16] [--device cpu|cuda]
 
-Each representation runs in its own subprocess (so peak RSS is its own), with the cache off and one warm-up
-batch. Tokens/s counts the content tokens each one actually reads: saefeat reads every token (long
+Each measurement runs in its own subprocess (so peak RSS is its own), with the cache off and one warm-up
+batch. The representations take turns, `--repeats` rounds of them, and the median of each is reported with
+its range (on a shared machine one slow stretch would otherwise land on a single representation and skew
+the ratios). Tokens/s counts the content tokens each one actually reads: saefeat reads every token (long
 documents are windowed), sentence-transformers truncates at its max_seq_length.
 """
 
@@ -91,10 +93,27 @@ def storage(n: int) -> dict:
     }
 
 
+def _measure_in_subprocess(kind: str, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--only", kind, "--n-docs", str(a.n_docs), "--batch-size",
+           str(a.batch_size), "--precision", a.precision] + (["--device", a.device] if a.device else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput, with the range over all runs."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    med = dict(ordered[len(ordered) // 2])
+    med["range"] = f"{ordered[0]['tokens_per_s']:.0f}-{ordered[-1]['tokens_per_s']:.0f}"
+    med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return med
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-docs", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--only", choices=["sae", "dense", "sentence", "storage"], help=argparse.SUPPRESS)
@@ -104,22 +123,30 @@ def main() -> None:
                                                                      a.precision)
         print(json.dumps(out))
         return
-    results = {}
-    for kind in ("sentence", "dense", "sae", "storage"):
-        cmd = [sys.executable, __file__, "--only", kind, "--n-docs", str(a.n_docs), "--batch-size",
-               str(a.batch_size), "--precision", a.precision] + (["--device", a.device] if a.device else [])
-        print(f"measuring {kind} ...", file=sys.stderr, flush=True)
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-    st, dense, sae, store = results["sentence"], results["dense"], results["sae"], results["storage"]
+    runs: dict[str, list[dict]] = {"sentence": [], "dense": [], "sae": []}
+    for round_ in range(a.repeats):
+        for kind in (*runs, "storage") if round_ == 0 else runs:
+            print(f"measuring {kind} (round {round_ + 1}/{a.repeats}) ...", file=sys.stderr, flush=True)
+            out = _measure_in_subprocess(kind, a)
+            if kind == "storage":
+                store = out
+            else:
+                runs[kind].append(out)
+    st, dense, sae = (_median_run(runs[k]) for k in runs)
     print(f"\nembed_bench: {a.n_docs} SciFact abstracts, minilm + default SAE (layer 3, d_sae 4096), "
-          f"device={sae['device']}, threads={sae['threads']}, precision={a.precision}, batch={a.batch_size}")
-    print(f"{'representation':<28}{'tokens':>10}{'seconds':>10}{'tokens/s':>11}{'docs/s':>9}{'peak RSS MB':>13}")
+          f"device={sae['device']}, threads={sae['threads']}, precision={a.precision}, batch={a.batch_size}, "
+          f"median of {a.repeats} interleaved rounds")
+    print(f"{'representation':<28}{'tokens':>10}{'seconds':>10}{'tokens/s':>11}{'range':>15}{'docs/s':>9}"
+          f"{'peak RSS MB':>13}")
     for name, r in (("sentence-transformers", st), ("dense (layer 3, mean)", dense), ("sae (layer 3, max)", sae)):
-        print(f"{name:<28}{r['tokens']:>10}{r['seconds']:>10.1f}{r['tokens_per_s']:>11.0f}{r['docs_per_s']:>9.1f}"
-              f"{r['peak_rss_mb']:>13.0f}")
+        print(f"{name:<28}{r['tokens']:>10}{r['seconds']:>10.1f}{r['tokens_per_s']:>11.0f}{r['range']:>15}"
+              f"{r['docs_per_s']:>9.1f}{r['peak_rss_mb']:>13.0f}")
     print(f"sae / sentence-transformers throughput: {sae['tokens_per_s'] / st['tokens_per_s']:.2f}x  (target >= 1.2x)")
     print(f"sae overhead over dense: {100 * (dense['tokens_per_s'] / sae['tokens_per_s'] - 1):.1f}%  (target <= 10%)")
+    if a.repeats > 1:
+        per_round = [(s_["tokens_per_s"] / t["tokens_per_s"], 100 * (d["tokens_per_s"] / s_["tokens_per_s"] - 1))
+                     for t, d, s_ in zip(runs["sentence"], runs["dense"], runs["sae"])]
+        print("per round (sae/ST, overhead): " + ", ".join(f"{x:.2f}x {y:.0f}%" for x, y in per_round))
     print("stored bytes per document:")
     for key in ("dense_float32", "sae_max_float16", "sae_topk64_float32", "sae_topk64_float16"):
         print(f"  {key:<22}{store[key]:>9.0f} B  ({100 * store[key] / store['dense_float32']:.0f}% of dense float32)")
