@@ -40,7 +40,7 @@ def _sift_down(heap_vals, heap_idx, k):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, boundscheck=False, nogil=True, cache=True)
-def _topk_positive_rows(keys, k, out_idx):  # pragma: no cover - compiled
+def _topk_positive_rows(keys, k, out_keys, out_idx):  # pragma: no cover - compiled
     n, d = keys.shape
     for r in numba.prange(n):
         row = keys[r]
@@ -53,6 +53,7 @@ def _topk_positive_rows(keys, k, out_idx):  # pragma: no cover - compiled
                 heap_idx[0] = j
                 _sift_down(heap_vals, heap_idx, k)
         for t in range(k):
+            out_keys[r, t] = heap_vals[t]
             out_idx[r, t] = heap_idx[t]
 
 
@@ -68,11 +69,13 @@ def topk_positive(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"topk_positive takes a 2-D CPU tensor of {list(_KEY_DTYPES)}, got {pre.dtype} on "
                          f"{pre.device} with shape {tuple(pre.shape)}")
     k = min(int(k), pre.shape[1])
-    keys = pre.detach().contiguous().view(_KEY_DTYPES[pre.dtype]).numpy()
-    idx = np.empty((pre.shape[0], k), np.int64)
+    key_dtype = _KEY_DTYPES[pre.dtype]
+    keys = pre.detach().contiguous().view(key_dtype).numpy()
+    out_keys = np.empty((pre.shape[0], k), keys.dtype)
+    out_idx = np.empty((pre.shape[0], k), np.int64)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _topk_positive_rows(keys, k, idx)
-    idx_t = torch.from_numpy(idx)
-    rows, slots = (idx_t >= 0).nonzero(as_tuple=True)
-    cols = idx_t[rows, slots]
-    return rows, cols, pre[rows, cols]
+    _topk_positive_rows(keys, k, out_keys, out_idx)
+    idx = torch.from_numpy(out_idx)
+    found = idx >= 0
+    rows = torch.arange(pre.shape[0]).unsqueeze(1).expand_as(idx)[found]
+    return rows, idx[found], torch.from_numpy(out_keys).view(pre.dtype)[found]  # the keys are the values' bits

@@ -75,7 +75,9 @@ class SAE(nn.Module):
         return self.cfg.architecture == "batchtopk" and not bool((self.threshold > 0).any())
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.W_enc.dtype) * self.cfg.input_scale
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.input_scale != 1.0:
+            x = x * self.cfg.input_scale
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc).reshape(*x.shape[:-1], self.d_sae)
