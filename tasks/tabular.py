@@ -209,9 +209,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     params = OmegaConf.to_container(cfg.classifier)
     n_boot = int(cfg.n_boot)
     fid, fid_details = fidelity(train, synthetic, holdout, schema, seed=seed)
-    util = utility(train, synthetic, holdout, schema, seed, n_boot, params)
-    priv = privacy(train, synthetic, holdout, schema)
-    aug = augmentation(train, extra, holdout, schema, seed, n_boot, params)
+    n_jobs = int(cfg.n_jobs)
+    util = utility(train, synthetic, holdout, schema, seed, n_boot, params, n_jobs)
+    priv = privacy(train, synthetic, holdout, schema, n_jobs)
+    aug = augmentation(train, extra, holdout, schema, seed, n_boot, params, n_jobs)
     t_eval = time.time() - t3
 
     eligible = faith[faith.meets_target.notna()]

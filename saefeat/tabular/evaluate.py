@@ -66,14 +66,14 @@ class TableFeaturizer:
 
 
 def fit_classifier(df: pd.DataFrame, featurizer: TableFeaturizer, seed: int = 0,
-                   params: Mapping[str, object] | None = None):
-    """A LightGBM classifier of the minority class fitted on `df`."""
+                   params: Mapping[str, object] | None = None, n_jobs: int = -1):
+    """A LightGBM classifier of the minority class fitted on `df` (`n_jobs` threads, -1 = all cores)."""
     from lightgbm import LGBMClassifier
 
     y = featurizer.labels(df)
     if len(np.unique(y)) < 2:
         raise ValueError(f"the classifier's training rows hold one class only ({len(y)} rows)")
-    clf = LGBMClassifier(**(CLASSIFIER_DEFAULTS | dict(params or {})), random_state=seed, n_jobs=2, verbose=-1)
+    clf = LGBMClassifier(**(CLASSIFIER_DEFAULTS | dict(params or {})), random_state=seed, n_jobs=n_jobs, verbose=-1)
     return clf.fit(featurizer.transform(df), y)
 
 
@@ -118,20 +118,22 @@ def fidelity(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame
 
 
 def utility(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame, schema: TableSchema,
-            seed: int = 0, n_boot: int = 1000, params: Mapping[str, object] | None = None) -> dict[str, dict]:
+            seed: int = 0, n_boot: int = 1000, params: Mapping[str, object] | None = None,
+            n_jobs: int = -1) -> dict[str, dict]:
     """Train on synthetic, test on real (TSTR) against train on real, test on real (TRTR), with LightGBM.
 
     Returns {"trtr": report, "tstr": report, "ratio": {"roc_auc": tstr/trtr}}.
     """
     check_disjoint(train.index, holdout.index)
     feat = TableFeaturizer(schema).fit(train)
-    trtr = score_classifier(fit_classifier(train, feat, seed, params), feat, holdout, n_boot, seed)
-    tstr = score_classifier(fit_classifier(synthetic, feat, seed, params), feat, holdout, n_boot, seed)
+    trtr = score_classifier(fit_classifier(train, feat, seed, params, n_jobs), feat, holdout, n_boot, seed)
+    tstr = score_classifier(fit_classifier(synthetic, feat, seed, params, n_jobs), feat, holdout, n_boot, seed)
     return {"trtr": trtr, "tstr": tstr, "ratio": {"roc_auc": tstr["roc_auc"] / trtr["roc_auc"]}}
 
 
 def augmentation(train: pd.DataFrame, extra: pd.DataFrame, holdout: pd.DataFrame, schema: TableSchema,
-                 seed: int = 0, n_boot: int = 1000, params: Mapping[str, object] | None = None) -> dict[str, dict]:
+                 seed: int = 0, n_boot: int = 1000, params: Mapping[str, object] | None = None,
+                 n_jobs: int = -1) -> dict[str, dict]:
     """A classifier on the real training rows against one on those rows plus `extra` synthetic rows.
 
     Returns {"real": report, "augmented": report}; minority_f1 is the figure of interest.
@@ -139,9 +141,9 @@ def augmentation(train: pd.DataFrame, extra: pd.DataFrame, holdout: pd.DataFrame
     check_disjoint(train.index, holdout.index)
     check_disjoint(train.index, extra.index, "synthetic rows (by index)")
     feat = TableFeaturizer(schema).fit(train)
-    base = score_classifier(fit_classifier(train, feat, seed, params), feat, holdout, n_boot, seed)
+    base = score_classifier(fit_classifier(train, feat, seed, params, n_jobs), feat, holdout, n_boot, seed)
     both = pd.concat([train[schema.columns], extra[schema.columns]])
-    augmented = score_classifier(fit_classifier(both, feat, seed, params), feat, holdout, n_boot, seed)
+    augmented = score_classifier(fit_classifier(both, feat, seed, params, n_jobs), feat, holdout, n_boot, seed)
     return {"real": base, "augmented": augmented}
 
 
@@ -162,7 +164,7 @@ def _gower_space(df: pd.DataFrame, schema: TableSchema, lo: pd.Series, span: pd.
 
 
 def privacy(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame,
-            schema: TableSchema) -> dict[str, float]:
+            schema: TableSchema, n_jobs: int = -1) -> dict[str, float]:
     """Distance to the closest training record (DCR, Gower distance in [0, 1]) of synthetic rows, compared with
     that of real held-out rows, which the synthesizer never saw.
 
@@ -176,7 +178,7 @@ def privacy(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame,
     cats = {c: sorted(set(train[c].dropna().astype(str)) | {"<missing>"}) for c in schema.categorical}
     space = {name: _gower_space(df, schema, lo, span, cats)
              for name, df in (("train", train), ("synthetic", synthetic), ("holdout", holdout))}
-    nn = NearestNeighbors(n_neighbors=1, metric="manhattan", n_jobs=2).fit(space["train"])
+    nn = NearestNeighbors(n_neighbors=1, metric="manhattan", n_jobs=n_jobs).fit(space["train"])
     n_cols = len(schema.columns)
     dcr_syn = nn.kneighbors(space["synthetic"])[0][:, 0] / n_cols
     dcr_hold = nn.kneighbors(space["holdout"])[0][:, 0] / n_cols
