@@ -24,9 +24,6 @@ from saefeat.sae.model import SAE
 logger = logging.getLogger(__name__)
 
 _HOSTS: dict[tuple[str, str], HostModel] = {}
-# Bumped whenever the SAE codes of the same settings change, so that older cached rows are not mixed with new
-# ones. 2: on CPU a TopK SAE's ties at the k-th value (frequent in bf16) keep the lowest latent ids.
-SAE_CODES_VERSION = 2
 
 
 def get_host(name: str, device: str | torch.device | None = None) -> HostModel:
@@ -101,7 +98,7 @@ class SAEEmbedder:
              "window": self.window, "overlap": self.overlap, "max_tokens": self.max_tokens,
              "keep_special": self.keep_special, "precision": self.precision}
         if kind == "sae":
-            s |= {"sae": self.sae.content_hash, "sae_k": self.sae.cfg.k, "codes": SAE_CODES_VERSION}
+            s |= {"sae": self.sae.content_hash, "sae_k": self.sae.cfg.k}
         return s
 
     # ---- public API -------------------------------------------------------------------------

@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saefeat.sae import cpu_topk
-
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk")
 _CPU_CHUNK_ELEMENTS = 1 << 21  # pre-activations per CPU chunk: 4 MiB in bf16, within a core's L2 + shared L3
 
@@ -89,11 +87,8 @@ class SAE(nn.Module):
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse encoding of a top-k SAE: (values, indices), each (..., k)."""
         self._check(x)
-        return self._topk_codes(self.pre_acts(x), k)
-
-    def _topk_codes(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # top-k before ReLU: the same code, without a ReLU pass over all d_sae pre-activations
-        vals, idx = pre.topk(k or self.k, dim=-1, sorted=False)
+        vals, idx = self.pre_acts(x).topk(k or self.k, dim=-1, sorted=False)
         return F.relu(vals), idx
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +110,7 @@ class SAE(nn.Module):
         """Non-zero activations of 2-D inputs as COO triples (row, latent, value), kept on x's device.
 
         On CPU the rows go through in chunks whose (rows x d_sae) pre-activations stay in cache between the
-        matmul and the top-k that reads them (about 25% faster than one pass over a whole batch), and a TopK
-        SAE selects with `saefeat.sae.cpu_topk` (ties at the k-th value keep the lowest latent ids).
+        matmul and the top-k that reads them (about 25% faster than one pass over a whole batch).
         """
         step = x.shape[0] if x.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // self.d_sae)
         parts = [self._encode_sparse_rows(x[i:i + step], i) for i in range(0, x.shape[0], step)]
@@ -126,12 +120,7 @@ class SAE(nn.Module):
 
     def _encode_sparse_rows(self, x: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.is_topk:
-            self._check(x)
-            pre = self.pre_acts(x)
-            if cpu_topk.supports(pre):
-                rows, cols, vals = cpu_topk.topk_positive(pre, self.k)
-                return rows + first_row, cols, vals
-            vals, idx = self._topk_codes(pre)
+            vals, idx = self.encode_topk(x)
             rows = torch.arange(first_row, first_row + x.shape[0], device=x.device).unsqueeze(1).expand_as(idx)
             keep = vals > 0
             return rows[keep], idx[keep], vals[keep]
