@@ -118,10 +118,14 @@ class HostModel:
         raise ValueError(f"cannot locate the special-token template of {self.name}'s tokenizer")
 
     @property
+    def n_special(self) -> int:
+        """Special tokens `wrap` adds around each window (BOS for causal LMs, e.g. [CLS]/[SEP] for encoders)."""
+        return 1 if self.is_causal else sum(map(len, self.special_template))
+
+    @property
     def window_capacity(self) -> int:
         """Content tokens that fit in one forward pass next to the special tokens."""
-        n_special = 1 if self.is_causal else sum(map(len, self.special_template))
-        return self.max_length - n_special
+        return self.max_length - self.n_special
 
     @property
     def default_window(self) -> int:
@@ -129,7 +133,7 @@ class HostModel:
         all-MiniLM-L6-v2, whose position table holds 512), else the full context."""
         if self.trained_length is None:
             return self.window_capacity
-        return min(self.window_capacity, self.trained_length - (self.max_length - self.window_capacity))
+        return min(self.window_capacity, self.trained_length - self.n_special)
 
     def pad_batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
