@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup run test lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml saefeat/sae/_topk.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# the CPU build of torch first: a looser requirement resolved later would pull CUDA wheels

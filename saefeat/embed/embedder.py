@@ -227,6 +227,17 @@ class SAEEmbedder:
         with torch.no_grad():
             return self.sae.encode_sparse(x)
 
+    def _sae_codes(self, doc: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAE codes of a batch as (flat doc x latent slot, float32 value, 1.0 where it fires) for pooling; called
+        under no_grad."""
+        if self.sae.is_topk:  # (rows, k) codes as they are: a zero adds nothing, so no compaction is needed
+            vals, idx = self.sae.encode_topk_rows(x)
+            v = vals.float().view(-1)
+            fired = v > 0
+            return (doc.unsqueeze(1) * self.d_sae + idx).view(-1), torch.where(fired, v, 0.0), fired.float()
+        r, c, v = self._encode_sae(x)
+        return doc[r] * self.d_sae + c, v.float(), torch.ones(len(v), device=v.device)
+
     @torch.no_grad()
     def _compute_stats(self, texts: list[str], batch_size: int, bar: tqdm | None,
                        kinds: tuple[str, ...] = ("sae", "dense")) -> dict[str, TokenStats]:
@@ -242,11 +253,10 @@ class SAEEmbedder:
             for doc, _, x in self._token_batches(docs_ids, batch_size, bar):
                 n_tok.index_add_(0, doc, torch.ones_like(doc))
                 if "sae" in kinds:
-                    r, c, v = self._encode_sae(x)
-                    flat, v = doc[r] * d_sae + c, v.float()
+                    flat, v, fired = self._sae_codes(doc, x)
                     sae_sum.index_add_(0, flat, v)
                     sae_max.scatter_reduce_(0, flat, v, reduce="amax")
-                    sae_cnt.index_add_(0, flat, torch.ones_like(v))
+                    sae_cnt.index_add_(0, flat, fired)
                 if "dense" in kinds:
                     # row-wise updates of (n, d): ~30x faster on CPU than the same scatter over a flat index
                     dense_sum.index_add_(0, doc, x)

@@ -1,0 +1,133 @@
+"""The compiled CPU top-k kernel returns torch.topk's latents and values, and hands ties and NaNs to torch."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saefeat.sae import topk as topk_module
+from saefeat.sae.topk import kernel_applies, kernel_enabled, topk_relu
+
+
+def _reference(pre, k):
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return F.relu(vals), idx
+
+
+def _as_sets(vals, idx):
+    """Per row: {latent id: value}, so that the order inside a row does not matter."""
+    return [dict(zip(i.tolist(), v.float().tolist())) for v, i in zip(vals, idx)]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    """The kernel whatever torch's thread count (by default it stands aside above KERNEL_MAX_THREADS)."""
+    monkeypatch.setenv("SAEFEAT_NATIVE_TOPK", "1")
+
+
+def _assert_same_codes(pre, k):
+    assert kernel_applies(pre, k)
+    got, want = topk_relu(pre, k), _reference(pre, k)
+    assert got[0].dtype == want[0].dtype and got[1].shape == want[1].shape == (pre.shape[0], k)
+    assert _as_sets(*got) == _as_sets(*want)
+
+
+@pytest.fixture(scope="module")
+def real_pre_acts(data_dir):
+    """Pre-activations of the default minilm SAE on real SciFact abstracts, as the embedder computes them."""
+    from saefeat.embed.embedder import SAEEmbedder
+
+    with gzip.open(data_dir / "retrieval" / "scifact" / "corpus.jsonl.gz", "rt") as fh:
+        docs = [json.loads(line)["text"] for line, _ in zip(fh, range(12))]
+    emb = SAEEmbedder("minilm", cache_dir=False)
+    with emb._cast_once(), torch.no_grad():
+        xs = [x for _, _, x in emb._token_batches(emb._token_ids(docs), 32)]
+        pre = emb.sae.pre_acts(torch.cat(xs))
+    assert pre.dtype == torch.bfloat16 and pre.shape[1] == 4096
+    return pre, emb.sae.k
+
+
+def test_kernel_is_built_and_stands_aside_for_many_threads(monkeypatch):
+    """`pip install` builds the kernel here (gcc is on every machine); without it the fast path is silently off.
+    By default it runs while torch uses few threads; with more, torch.topk's parallel loop is as fast."""
+    assert topk_module._topk is not None and kernel_enabled()
+    monkeypatch.delenv("SAEFEAT_NATIVE_TOPK")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(topk_module.KERNEL_MAX_THREADS + 1)
+        assert not kernel_enabled()
+        torch.set_num_threads(1)
+        assert kernel_enabled()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_real_codes_match_torch_topk(real_pre_acts, dtype):
+    pre, k = real_pre_acts
+    _assert_same_codes(pre.to(dtype), k)
+
+
+def test_portable_path_and_row_stride(real_pre_acts):
+    """A width that is no multiple of 16 takes the portable C path; a column slice has a row stride != width."""
+    pre, k = real_pre_acts
+    sliced = pre[:300, : 16 * (k + 1) * 4 + 8]
+    assert sliced.stride(0) != sliced.shape[1]
+    _assert_same_codes(sliced, k)
+
+
+def test_ties_nans_and_flat_rows_follow_torch():
+    """Rows whose top k is not unique, rows with a NaN and rows of equal values get torch.topk's own answer."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 1024, generator=g)
+    k = 8
+    top = pre.topk(k + 1, dim=-1).values
+    tie_rows = torch.arange(0, 64, 4)
+    for r in tie_rows.tolist():  # the (k+1)-th largest value copied onto the k-th: two sets are possible
+        kth = pre[r] == top[r, k - 1]
+        pre[r, kth] = top[r, k]
+    pre[1, 100] = float("nan")
+    pre[2] = 0.5
+    pre[3, :] = -1.0  # every top value negative: all ReLU'd to zero
+    pre[3, 5] = 2.0
+    got_vals, got_idx = topk_relu(pre, k)
+    want_vals, want_idx = _reference(pre, k)
+    for r in [*tie_rows.tolist(), 1, 2]:  # flagged rows are torch's answer, slot for slot
+        assert torch.equal(got_idx[r], want_idx[r]) and torch.equal(got_vals[r].isnan(), want_vals[r].isnan())
+    assert _as_sets(got_vals[4:], got_idx[4:]) == _as_sets(want_vals[4:], want_idx[4:])
+    assert got_vals[3].count_nonzero() == 1 and 5 in got_idx[3].tolist()
+
+
+def test_fallbacks_without_the_kernel(monkeypatch, real_pre_acts):
+    """SAEFEAT_NATIVE_TOPK=0, a k too large for the grouping, or a transposed view run torch.topk: same result."""
+    pre, k = real_pre_acts
+    assert not kernel_applies(pre[:50, :512], 40)  # 16 (k + 1) > 512
+    assert _as_sets(*topk_relu(pre[:50, :512], 40)) == _as_sets(*_reference(pre[:50, :512], 40))
+    square = pre[:256, :256].t()
+    assert not kernel_applies(square, 8)
+    assert _as_sets(*topk_relu(square, 8)) == _as_sets(*_reference(square, 8))
+    monkeypatch.setenv("SAEFEAT_NATIVE_TOPK", "0")
+    assert not kernel_enabled() and not kernel_applies(pre, k)
+    assert _as_sets(*topk_relu(pre[:50], k)) == _as_sets(*_reference(pre[:50], k))
+
+
+def test_embedding_is_identical_with_and_without_the_kernel(monkeypatch, data_dir):
+    """The pooled statistics (sum, max, count) are bit-identical, so caches written by either path agree."""
+    from saefeat.embed.embedder import SAEEmbedder
+
+    with gzip.open(data_dir / "retrieval" / "scifact" / "corpus.jsonl.gz", "rt") as fh:
+        docs = [json.loads(line)["text"] for line, _ in zip(fh, range(30))]
+    emb = SAEEmbedder("minilm", cache_dir=False)
+    calls, native = [], topk_module._topk.topk_relu
+    monkeypatch.setattr(topk_module._topk, "topk_relu", lambda *a: calls.append(1) or native(*a))
+    fast = emb.encode_stats(docs, "sae", show_progress_bar=False)
+    assert calls
+    monkeypatch.setenv("SAEFEAT_NATIVE_TOPK", "0")
+    slow = emb.encode_stats(docs, "sae", show_progress_bar=False)
+    for name in ("sum", "max", "count"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
+        assert np.array_equal(a.data, b.data)
