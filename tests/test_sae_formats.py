@@ -143,3 +143,23 @@ def test_encode_sparse_in_chunks_matches_dense_encode(monkeypatch, architecture)
     assert rows.max() >= 43  # the last chunk's rows are really there
     torch.testing.assert_close(got, want)
     assert bool((vals > 0).all())
+
+
+def test_frozen_encoder_weights_are_cast_once_under_autocast():
+    """Autocast recasts weights that do not require grad on every call; the SAE casts them once, same result."""
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=5))
+    with torch.no_grad():
+        for name, value in _weights(3).items():
+            getattr(sae, name).copy_(value)
+    sae.requires_grad_(False)
+    x = _x(seed=4, shape=(7, D_IN))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        got = sae.pre_acts(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc))  # autocast's own casts
+        cast = sae._encoder_cast[1]
+        sae.pre_acts(x)
+        assert sae._encoder_cast[1] is cast
+        sae.W_enc.mul_(2)  # an in-place change is seen
+        assert torch.equal(sae.pre_acts(x), torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc))
+    assert sae.pre_acts(x).dtype == torch.float32  # outside autocast: the fp32 weights themselves

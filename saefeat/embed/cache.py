@@ -64,13 +64,14 @@ class StatsCache:
 
     def get(self, hashes: list[str]) -> TokenStats:
         """Statistics of cached documents, in the order of `hashes`."""
-        parts = []
+        shards: dict[Path, int] = {}
+        refs = []
         for h in hashes:
             shard, row = self._index[h]
             if shard not in self._loaded:
                 self._loaded[shard] = _read_shard(shard)
-            parts.append(self._loaded[shard].take([row]))
-        return TokenStats.stack(parts)
+            refs.append((shards.setdefault(shard, len(shards)), row))
+        return TokenStats.gather([self._loaded[shard] for shard in shards], refs)
 
     def put(self, hashes: list[str], stats: TokenStats) -> None:
         """Write one shard atomically and index it."""

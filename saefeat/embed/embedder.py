@@ -142,7 +142,8 @@ class SAEEmbedder:
         texts = check_texts(list(docs), field="docs")
         hashes = [doc_hash(t) for t in texts]
         cache = self._cache(kind)
-        done: dict[str, TokenStats] = {}
+        sources: list[TokenStats] = []
+        refs: dict[str, tuple[int, int]] = {}  # document hash -> (source, row)
         todo = list(dict.fromkeys(h for h in hashes if cache is None or h not in cache))
         if todo:
             first = {h: t for h, t in zip(reversed(hashes), reversed(texts))}
@@ -159,16 +160,19 @@ class SAEEmbedder:
                         other_cache = self._cache(other)
                         if other_cache is not None:
                             other_cache.put(chunk, stats)
-                    for i, h in enumerate(chunk):
-                        done[h] = computed[kind].take([i])
+                    sources.append(computed[kind])
+                    refs |= {h: (len(sources) - 1, i) for i, h in enumerate(chunk)}
             finally:
                 bar.close()
-        parts = [done[h] if h in done else cache.get([h]) for h in hashes] if hashes else []
-        if not parts:
+        cached = [h for h in dict.fromkeys(hashes) if h not in refs]
+        if cached:
+            sources.append(cache.get(cached))
+            refs |= {h: (len(sources) - 1, i) for i, h in enumerate(cached)}
+        if not hashes:
             width = self.d_sae if kind == "sae" else self.host.d_model
             empty = sp.csr_matrix((0, width), dtype=np.float32) if kind == "sae" else np.zeros((0, width), np.float32)
             return TokenStats(np.zeros(0, np.int64), empty, empty, empty if kind == "sae" else None)
-        return TokenStats.stack(parts)
+        return TokenStats.gather(sources, [refs[h] for h in hashes])
 
     # ---- internals --------------------------------------------------------------------------
     def _cache(self, kind: str) -> StatsCache | None:

@@ -38,6 +38,19 @@ class TokenStats:
                           None if self.count is None else self.count[rows])
 
     @staticmethod
+    def gather(sources: list[TokenStats], refs: list[tuple[int, int]]) -> TokenStats:
+        """Rows `refs[i] = (source, row)` of several TokenStats, in that order: one take per source (row by row,
+        scipy's CSR indexing cost ~0.1 ms a call, 10x the rest of the bookkeeping for 2,000 documents)."""
+        src = np.array([s for s, _ in refs], dtype=np.int64)
+        row = np.array([r for _, r in refs], dtype=np.int64)
+        used = np.unique(src)
+        stacked = TokenStats.stack([sources[s].take(row[src == s]) for s in used])
+        order = np.concatenate([np.flatnonzero(src == s) for s in used])
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        return stacked.take(position)
+
+    @staticmethod
     def stack(parts: list[TokenStats]) -> TokenStats:
         cat = (lambda xs: sp.vstack(xs, format="csr")) if parts[0].sparse else np.vstack
         counts = None if parts[0].count is None else cat([p.count for p in parts])

@@ -54,6 +54,7 @@ class SAE(nn.Module):
         if cfg.architecture in ("jumprelu", "batchtopk"):
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
         self.content_hash: str = ""
+        self._encoder_cast: tuple | None = None  # (key, W_enc, b_enc) in the autocast dtype
 
     @property
     def d_in(self) -> int:
@@ -80,7 +81,19 @@ class SAE(nn.Module):
             x = x * self.cfg.input_scale
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc).reshape(*x.shape[:-1], self.d_sae)
+        W, b = self._encoder_weights(x.device.type)
+        return torch.addmm(b, x.reshape(-1, self.d_in), W).reshape(*x.shape[:-1], self.d_sae)
+
+    def _encoder_weights(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_enc and b_enc as the encoder's matmul reads them. Under autocast, frozen weights are cast here once:
+        autocast caches the casts of trainable weights only, so it would cast W_enc again on every call."""
+        if self.W_enc.requires_grad or not torch.is_autocast_enabled(device_type):
+            return self.W_enc, self.b_enc
+        dtype = torch.get_autocast_dtype(device_type)
+        key = (dtype, self.W_enc.data_ptr(), self.W_enc._version, self.b_enc.data_ptr(), self.b_enc._version)
+        if self._encoder_cast is None or self._encoder_cast[0] != key:
+            self._encoder_cast = (key, self.W_enc.to(dtype), self.b_enc.to(dtype))
+        return self._encoder_cast[1], self._encoder_cast[2]
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
