@@ -105,6 +105,7 @@ def test_fallbacks_without_the_kernel(monkeypatch, real_pre_acts):
     """SAEFEAT_NATIVE_TOPK=0, a k too large for the grouping, or a transposed view run torch.topk: same result."""
     pre, k = real_pre_acts
     assert not kernel_applies(pre[:50, :512], 40)  # 16 (k + 1) > 512
+    assert not kernel_applies(pre, topk_module.KERNEL_MAX_K + 1)
     assert _as_sets(*topk_relu(pre[:50, :512], 40)) == _as_sets(*_reference(pre[:50, :512], 40))
     square = pre[:256, :256].t()
     assert not kernel_applies(square, 8)

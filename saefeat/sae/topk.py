@@ -21,6 +21,8 @@ except ImportError:  # built without a C compiler
 
 # torch.topk on T threads: about 11 us per row / T here; the kernel: about 2 us per row on one thread
 KERNEL_MAX_THREADS = 4
+# beyond this k a row's candidates outgrow the kernel's quadratic selection (it would hand most rows back)
+KERNEL_MAX_K = 256
 
 
 def kernel_enabled() -> bool:
@@ -34,7 +36,7 @@ def kernel_enabled() -> bool:
 def kernel_applies(pre: torch.Tensor, k: int) -> bool:
     """Whether `topk_relu` runs the compiled kernel on these pre-activations."""
     return (kernel_enabled() and pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.bfloat16)
-            and pre.dim() == 2 and pre.stride(1) == 1 and 16 * (k + 1) <= pre.shape[1])
+            and pre.dim() == 2 and pre.stride(1) == 1 and k <= KERNEL_MAX_K and 16 * (k + 1) <= pre.shape[1])
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
