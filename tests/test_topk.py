@@ -35,6 +35,19 @@ def _assert_same_codes(pre, k):
     assert _as_sets(*got) == _as_sets(*want)
 
 
+def _assert_flags_only_ties(pre, k):
+    """Most rows are the kernel's own work: it hands back exactly the rows whose top k is not unique (bf16 has 8
+    significant bits, so the k-th and (k+1)-th values are often equal)."""
+    rows = pre.shape[0]
+    idx, vals = torch.empty(rows, k, dtype=torch.long), torch.empty(rows, k, dtype=pre.dtype)
+    flagged = torch.empty(rows, dtype=torch.bool)
+    topk_module._topk.topk_relu(pre.data_ptr(), rows, pre.shape[1], pre.stride(0), k, pre.dtype == torch.bfloat16,
+                                idx.data_ptr(), vals.data_ptr(), flagged.data_ptr())
+    kth, after = pre.float().topk(k + 1, dim=-1).values[:, -2:].unbind(1)
+    assert torch.equal(flagged, kth == after)
+    assert 0.01 < flagged.float().mean() < 0.3
+
+
 @pytest.fixture(scope="module")
 def real_pre_acts(data_dir):
     """Pre-activations of the default minilm SAE on real SciFact abstracts, as the embedder computes them."""
@@ -68,7 +81,9 @@ def test_kernel_is_built_and_stands_aside_for_many_threads(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_real_codes_match_torch_topk(real_pre_acts, dtype):
     pre, k = real_pre_acts
-    _assert_same_codes(pre.to(dtype), k)
+    pre = pre.to(dtype)
+    _assert_same_codes(pre, k)
+    _assert_flags_only_ties(pre, k)
 
 
 def test_portable_path_and_row_stride(real_pre_acts):
@@ -77,6 +92,7 @@ def test_portable_path_and_row_stride(real_pre_acts):
     sliced = pre[:300, : 16 * (k + 1) * 4 + 8]
     assert sliced.stride(0) != sliced.shape[1]
     _assert_same_codes(sliced, k)
+    _assert_flags_only_ties(sliced, k)
 
 
 def test_ties_nans_and_flat_rows_follow_torch():
