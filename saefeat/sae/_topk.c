@@ -164,6 +164,8 @@ AVX512 static int64_t count_kept_avx512(const Row *r, int64_t c, uint8_t *keep) 
 }
 #endif
 
+static int has_avx512; /* set once when the module loads */
+
 static int cpu_has_avx512(void) {
 #ifdef HAVE_AVX512
     __builtin_cpu_init();
@@ -235,7 +237,7 @@ static PyObject *topk_relu(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "topk_relu needs k >= 1 and 16 (k + 1) <= cols");
         return NULL;
     }
-    Job job = {(const char *)(uintptr_t)px, 0, rows, cols, stride, k, is_bf16, cpu_has_avx512() && cols % LANES == 0,
+    Job job = {(const char *)(uintptr_t)px, 0, rows, cols, stride, k, is_bf16, has_avx512 && cols % LANES == 0,
                0, (int64_t *)(uintptr_t)pidx, (char *)(uintptr_t)pval, (uint8_t *)(uintptr_t)pflag};
     Py_BEGIN_ALLOW_THREADS
     run_rows(&job);
@@ -246,7 +248,7 @@ static PyObject *topk_relu(PyObject *self, PyObject *args) {
 
 static PyObject *vectorised(PyObject *self, PyObject *args) {
     (void)self, (void)args;
-    return PyBool_FromLong(cpu_has_avx512());
+    return PyBool_FromLong(has_avx512);
 }
 
 static PyMethodDef methods[] = {
@@ -260,4 +262,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_topk", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__topk(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__topk(void) {
+    has_avx512 = cpu_has_avx512();
+    return PyModule_Create(&module);
+}

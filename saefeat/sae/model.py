@@ -133,7 +133,7 @@ class SAE(nn.Module):
             z = self.encode(chunk)
             rows, cols = z.nonzero(as_tuple=True)
             parts.append((rows + first, cols, z[rows, cols]))
-        return tuple(torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
+        return _cat_rows(parts)
 
     def encode_topk_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference codes of a top-k SAE for 2-D inputs: (values, latent ids), each (rows, k), ReLU'd.
@@ -141,8 +141,7 @@ class SAE(nn.Module):
         The latents and values of `encode_topk`, through the compiled CPU kernel where it applies (no autograd).
         """
         self._check(x)
-        parts = [topk_relu(self.pre_acts(chunk), self.k) for _, chunk in self._row_chunks(x)]
-        return tuple(torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
+        return _cat_rows([topk_relu(self.pre_acts(chunk), self.k) for _, chunk in self._row_chunks(x)])
 
     def _row_chunks(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """(first row, rows) pieces of x: on CPU, small enough that each chunk's (rows x d_sae) pre-activations
@@ -170,3 +169,8 @@ class SAE(nn.Module):
         c = self.cfg
         k = f", k={c.k}" if c.k else ""
         return f"{c.architecture} SAE {c.d_in}->{c.d_sae}{k} ({c.source_format}; host={c.host}, layer={c.layer})"
+
+
+def _cat_rows(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The per-chunk tuples of tensors joined along rows, field by field."""
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts))
