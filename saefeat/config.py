@@ -63,6 +63,9 @@ def apply_overrides(cfg: DictConfig, overrides: dict[str, str]) -> DictConfig:
     """Merge overrides into a struct config: unknown keys raise a ConfigError listing valid ones."""
     OmegaConf.set_struct(cfg, True)
     for key, value in overrides.items():
+        if isinstance(OmegaConf.select(cfg, key), DictConfig):  # a scalar would silently replace a whole section
+            raise ConfigError(f"{key!r} is a section, not a value; set one of its keys ({key}.<key>=...); "
+                              f"{_valid_keys(cfg, key + '.x')}")
         try:
             merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except (ConfigAttributeError, ConfigKeyError) as e:

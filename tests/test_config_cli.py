@@ -17,6 +17,11 @@ def test_unknown_key_lists_valid_keys():
         load_config("train", ["sae.k"])
 
 
+def test_a_section_is_not_overwritten_by_a_scalar():
+    with pytest.raises(ConfigError, match=r"'sae' is a section, not a value; set one of its keys.*under 'sae': .*path"):
+        load_config("embed", ["sae=/some/folder"])
+
+
 def test_unknown_model_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown model 'gpt9'; valid: .*minilm.*smollm2"):
         load_config("train", ["model=gpt9"])
