@@ -64,7 +64,7 @@ def task_config(overrides: list[str]):
 # ---- SciFact ----------------------------------------------------------------------------------
 def bench_scifact(args) -> dict:
     from saefeat.retrieval.evaluation import load_beir, per_query_scores, retrieval_report, to_run
-    from tasks.retrieval import build_index, rank_all
+    from saefeat.tasks.retrieval import build_index, rank_all
 
     cfg = task_config([f"embed.pooling={args.pooling}"])
     data = load_beir(DATA / "retrieval" / "scifact", "train")
@@ -117,7 +117,7 @@ def bench_property(args) -> None:
     from saefeat.retrieval.dense import encode_dense_side, normalize
     from saefeat.retrieval.evaluation import average_precision, precision_at
     from saefeat.retrieval.index import SAEIndex
-    from tasks.retrieval import build_index
+    from saefeat.tasks.retrieval import build_index
 
     cfg = task_config([f"embed.pooling={args.pooling}", "retrieval.hybrid_dense=dense"])
     results = []
@@ -177,7 +177,7 @@ def bench_speed(args, scifact: dict | None) -> None:
     from saefeat.embed.vectorizers import get_embedder
     from saefeat.retrieval.evaluation import load_beir
     from saefeat.retrieval.index import SAEIndex
-    from tasks.retrieval import build_index
+    from saefeat.tasks.retrieval import build_index
 
     cfg = task_config([f"embed.pooling={args.pooling}", f"retrieval.hybrid_dense={args.speed_dense}"])
     if scifact is None or args.seed_docs:
@@ -193,7 +193,7 @@ def bench_speed(args, scifact: dict | None) -> None:
         console.print(f"sizes above {len(base)} use perturbed copies of the {len(base)} real SciFact vectors")
     # queries are encoded for real in the 'sae+encode' timing, never read from the cache
     fresh = get_embedder(model=cfg.model.path, sae=cfg.sae.path, layer=cfg.model.layer, window=cfg.model.window,
-                         precision=cfg.embed.precision, cache_dir=False)
+                         precision=cfg.embed.precision, backend=cfg.embed.backend, cache_dir=False)
     rows = {}
     for pooling in ("max", "topk"):
         X_real = base.encode(texts, show_progress_bar=False) if pooling == base.pooling else \

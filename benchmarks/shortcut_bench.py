@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def main(argv: list[str]) -> None:
     from saefeat.config import load_config
-    from tasks.shortcut import run
+    from saefeat.tasks.shortcut import run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config("tasks", ["task=shortcut", *argv])

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -40,10 +41,17 @@ def _friendly(fn):
 def run(overrides: list[str] = Overrides) -> None:
     """Run a task: `saefeat run task=earnings model=smollm2 sae.k=32`."""
     from saefeat.config import load_config
-    from tasks import get_task
+    from saefeat.tasks import get_task
 
+    start = time.perf_counter()
     cfg = load_config("tasks", overrides or [])
     get_task(cfg.task)(cfg)
+    typer.echo(f"{cfg.task}: finished in {_clock(time.perf_counter() - start)} wall time")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
 
 
 @app.command("train-sae")

@@ -1,43 +1,65 @@
-"""YAML configs in configs/ merged with `key=value` overrides (OmegaConf, strict keys)."""
+"""YAML configs (the `saefeat.configs` package, configs/ in the repo) merged with `key=value` overrides (OmegaConf,
+strict keys)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class ConfigError(ValueError):
     """A bad config name, key or value; the message lists what is valid."""
 
 
-def configs_dir() -> Path:
-    """`$SAEFEAT_CONFIGS`, else ./configs, else the configs/ folder beside the installed package."""
+def configs_dir() -> Traversable:
+    """The configs: the folder `$SAEFEAT_CONFIGS` when set, else the installed `saefeat.configs` package.
+
+    The working directory is never searched, so a stray ./configs cannot replace the package's configs.
+    """
     env = os.environ.get("SAEFEAT_CONFIGS")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
-    for c in candidates:
-        if (c / "base.yaml").is_file():
-            return c
-    raise ConfigError(f"no configs folder found (looked in {[str(c) for c in candidates]}); set SAEFEAT_CONFIGS")
+    if env:
+        folder = Path(env)
+        if not (folder / "base.yaml").is_file():
+            raise ConfigError(f"SAEFEAT_CONFIGS={env} is not a configs folder (no base.yaml in {folder.resolve()})")
+        return folder
+    return files("saefeat.configs")
+
+
+def read_config(*parts: str) -> DictConfig:
+    """One YAML file of the configs, e.g. `read_config("commands", "search.yaml")`."""
+    node = configs_dir().joinpath(*parts)
+    if not node.is_file():
+        raise ConfigError(f"config file {'/'.join(parts)} not found in {configs_dir()}")
+    cfg = OmegaConf.create(node.read_text(encoding="utf-8"))
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {'/'.join(parts)} is not a mapping")
+    return cfg
 
 
 def available(kind: str) -> list[str]:
-    """Names of the YAML files in configs/<kind>/ (kind: tasks, models, train)."""
-    return sorted(p.stem for p in (configs_dir() / kind).glob("*.yaml"))
+    """Names of the YAML files in configs/<kind>/ (kind: tasks, models, train, commands)."""
+    folder = configs_dir() / kind
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml") and p.is_file())
 
 
 _LABELS = {"tasks": "task", "models": "model", "train": "training recipe for model", "commands": "command"}
 
 
 def _load_named(kind: str, name: str) -> DictConfig:
-    path = configs_dir() / kind / f"{name}.yaml"
-    if not path.is_file():
+    if not (configs_dir() / kind / f"{name}.yaml").is_file():
         raise ConfigError(f"unknown {_LABELS[kind]} {name!r}; valid: {', '.join(available(kind))}")
-    return OmegaConf.load(path)
+    return read_config(kind, f"{name}.yaml")
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
@@ -84,7 +106,7 @@ def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
     kind="train": base.yaml + train/<model>.yaml + overrides (for `train-sae`).
     """
     ov = parse_overrides(overrides)
-    base = OmegaConf.load(configs_dir() / "base.yaml")
+    base = read_config("base.yaml")
     if kind == "tasks":
         task = ov.pop("task", None) or str(base.get("task"))
         task_cfg = _load_named("tasks", task)

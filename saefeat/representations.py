@@ -46,4 +46,5 @@ def representation_from_config(name: str, cfg: Any) -> TransformerMixin:
         k=e.k, sae_k=cfg.sae.k,
         window=cfg.model.window, overlap=e.overlap, max_tokens=e.max_tokens, batch_size=e.batch_size,
         device=e.device, cache_dir=e.cache_dir, show_progress_bar=e.show_progress_bar, precision=e.precision,
+        backend=e.backend,
     )

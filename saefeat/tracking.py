@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import mlflow
 
 import saefeat
+from saefeat.provenance import environment
 
 
 def default_tracking_uri() -> str:
@@ -20,7 +20,19 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
 
 
+def tracking_uri_is_set() -> bool:
+    """True when the caller (or $MLFLOW_TRACKING_URI) already chose an MLflow store."""
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:  # moved in another MLflow version: fall back on the environment variable
+        return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return bool(is_tracking_uri_set())
+
+
 def setup_tracking(uri: str | None = None) -> str:
+    """Use `uri`, else the store the caller already set, else `default_tracking_uri()`."""
+    if uri is None and tracking_uri_is_set():
+        return mlflow.get_tracking_uri()
     uri = uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -38,15 +50,6 @@ def ensure_experiment(name: str) -> str:
         root = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent / "artifacts" / name
         location = root.resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(saefeat.__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -70,11 +73,11 @@ def log_params(params: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def start_run(experiment: str, run_name: str, config: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run carrying the resolved config, package version and git commit."""
+    """An MLflow run carrying the resolved config and what it ran on (versions, CPU, git commit and dirty flag)."""
     if not nested:
         setup_tracking()
     exp_id = ensure_experiment(experiment)
-    base_tags = {"saefeat.version": saefeat.__version__, "saefeat.git_commit": git_commit()}
+    base_tags = {"saefeat.version": saefeat.__version__, **environment()}
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested,
                           tags=base_tags | (tags or {})) as run:
         if config is not None:

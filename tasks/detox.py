@@ -78,7 +78,8 @@ def _rep_params(cfg: DictConfig) -> dict:
             "dense_pooling": e.dense_pooling, "sentence_model": e.sentence_model, "k": e.k, "sae_k": cfg.sae.k,
             "window": cfg.model.window, "overlap": e.overlap, "max_tokens": e.max_tokens,
             "batch_size": e.batch_size, "device": e.device, "cache_dir": e.cache_dir,
-            "show_progress_bar": e.show_progress_bar}
+            "show_progress_bar": e.show_progress_bar, "precision": e.precision, "backend": e.backend,
+            "tfidf_max_features": e.tfidf_max_features}
 
 
 def _split(y: np.ndarray, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,7 +176,8 @@ def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[st
     prompt_ids(host, prompts, int(s.max_new_tokens))  # too-long prompts fail before any work
     sub_texts, sub_y = _cap(texts, y, int(s.n_latent_docs), seed)
     embed = {"layer": s.layer, "max_tokens": int(s.latent_max_tokens), "batch_size": e.batch_size,
-             "device": e.device, "cache_dir": e.cache_dir, "show_progress_bar": e.show_progress_bar}
+             "device": e.device, "cache_dir": e.cache_dir, "show_progress_bar": e.show_progress_bar,
+             "precision": e.precision, "backend": e.backend}
     ranking, probe = find_toxic_latents(sub_texts, sub_y, model=str(s.model), sae=str(s.sae), n=int(s.n_latents),
                                         max_freq_clean=float(s.max_freq_clean), **embed)
     emb = probe.representation_.embedder

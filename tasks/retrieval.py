@@ -38,7 +38,8 @@ def build_index(texts: list[str], ids: list[str], cfg: DictConfig) -> SAEIndex:
                           dense=cfg.retrieval.hybrid_dense, sentence_model=e.sentence_model,
                           batch_size=e.batch_size, show_progress_bar=e.show_progress_bar, layer=cfg.model.layer,
                           sae_k=cfg.sae.k, window=cfg.model.window, overlap=e.overlap, max_tokens=e.max_tokens,
-                          device=e.device, cache_dir=e.cache_dir, precision=e.get("precision", "auto"))
+                          device=e.device, cache_dir=e.cache_dir, precision=e.get("precision", "auto"),
+                          backend=e.get("backend", "auto"))
 
 
 def rank_all(rep: str, index: SAEIndex, queries: list[str], cfg: DictConfig,

@@ -17,7 +17,12 @@ DATA = Path(os.environ.get("SAEFEAT_DATA_DIR", REPO.parent / "shared" / "data"))
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
+    """The shared data folder; a test that needs it skips where it is missing, or fails under
+    SAEFEAT_REQUIRE_DATA=1 (CI, where a silently skipped half of the suite would pass)."""
     if not DATA.is_dir():
+        if os.environ.get("SAEFEAT_REQUIRE_DATA") == "1":
+            pytest.fail(f"shared data not found at {DATA} (SAEFEAT_REQUIRE_DATA=1; set SAEFEAT_DATA_DIR)",
+                        pytrace=False)
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
 
@@ -42,4 +47,4 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("SAEFEAT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SAEFEAT_CONFIGS", str(REPO / "configs"))
+    monkeypatch.delenv("SAEFEAT_CONFIGS", raising=False)  # the configs of the imported saefeat package

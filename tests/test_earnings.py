@@ -38,7 +38,7 @@ def _cfg(path, *extra):
 
 
 def test_earnings_end_to_end(calls, tmp_path):
-    from tasks.earnings import run
+    from saefeat.tasks.earnings import run
 
     path = _write(calls, tmp_path / "calls.jsonl")
     results = run(_cfg(path))
@@ -76,7 +76,7 @@ def _spy_f_classif(X, y):
 
 def test_feature_selection_never_sees_test_rows(monkeypatch):
     import saefeat.evaluation.model_selection as ms
-    from tasks.earnings import fit_and_score
+    from saefeat.tasks.earnings import fit_and_score
 
     rng = np.random.default_rng(0)
     n_train, n_test = 60, 20
@@ -100,7 +100,7 @@ def test_feature_selection_never_sees_test_rows(monkeypatch):
 
 
 def test_bad_rows_are_named_before_embedding(calls, tmp_path, monkeypatch):
-    import tasks.earnings as task
+    import saefeat.tasks.earnings as task
 
     monkeypatch.setattr(task, "representation_from_config", lambda *a: pytest.fail("embedding started"))
     bad = calls.copy()

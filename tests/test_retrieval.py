@@ -206,7 +206,7 @@ def test_description_matches_latent_labels(tmp_path):
 
 def test_task_logs_a_comparison_with_the_sae_latents(cache_dir, data_dir):
     from saefeat.config import load_config
-    from tasks import get_task
+    from saefeat.tasks import get_task
 
     cfg = load_config("tasks", ["task=retrieval", f"data_dir={data_dir}", "data.max_queries=5", "data.max_docs=30",
                                 "representations=[sae,bm25,hybrid]", "retrieval.hybrid_dense=dense",

@@ -278,7 +278,7 @@ def test_finetune_mode_takes_steps_on_cpu(planted):
 
 def test_task_runs_end_to_end_on_a_small_sample(data_dir):
     from saefeat.config import load_config
-    from tasks.shortcut import run
+    from saefeat.tasks.shortcut import run
 
     cfg = load_config("tasks", ["task=shortcut", f"data_dir={data_dir}", "max_train=24", "max_eval=16",
                                 "bootstrap=20", "head.epochs=60", "head.weight_decays=[0.001]",
@@ -300,7 +300,7 @@ def test_task_runs_end_to_end_on_a_small_sample(data_dir):
 
 def test_task_rejects_bad_config(data_dir):
     from saefeat.config import load_config
-    from tasks.shortcut import run
+    from saefeat.tasks.shortcut import run
 
     with pytest.raises(ValueError, match="methods must be"):
         run(load_config("tasks", ["task=shortcut", "methods=[erm,magic]"]))

@@ -165,7 +165,7 @@ def test_task_runs_end_to_end(data_dir):
     import mlflow
 
     from saefeat.config import load_config
-    from tasks import get_task
+    from saefeat.tasks import get_task
 
     cfg = load_config("tasks", ["task=tabular", f"data_dir={data_dir}", "encode.n_rows=200", "encode.n_holdout=60",
                                 "encode.n_per_concept=10", "concepts.n_clusters=3", "n_boot=20",

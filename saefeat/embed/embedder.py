@@ -13,11 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from saefeat.data import check_texts
-from saefeat.device import autocast, resolve_device, resolve_precision
+from saefeat.device import Runtime, autocast, resolve_device, resolve_runtime
 from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
 from saefeat.embed.pooling import TokenStats, pool
 from saefeat.embed.windows import Window, split_windows
 from saefeat.hosts import HostModel, load_host
+from saefeat.onnx_host import OnnxHost, onnx_capable
 from saefeat.sae.formats import check_compatible, resolve_sae
 from saefeat.sae.model import SAE
 
@@ -59,15 +60,17 @@ class SAEEmbedder:
         max_tokens: explicit cap on tokens read per document (logged when it cuts); None reads everything.
         keep_special: pool special tokens (CLS/SEP/BOS) too; excluded by default.
         cache_dir: folder of the on-disk cache (`$SAEFEAT_CACHE` or ~/.cache/saefeat); False disables it.
-        precision: "auto" (bf16 autocast on CUDA and on CPUs with native bf16 such as AVX512-BF16/AMX, about
-            2x faster there; fp32 elsewhere), "fp32" (exact), or "bf16".
+        precision: "auto", "fp32" (exact), "bf16" or "int8"; backend: "auto", "torch" or "onnx". The default runs
+            torch with bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), and on other CPUs
+            the host truncated after `layer` on ONNX Runtime int8 (`saefeat.onnx_host`); see
+            `saefeat.device.resolve_runtime`. What ran is in `runtime`.
     """
 
     def __init__(self, model: str = "minilm", sae: str | Path | SAE = "default", layer: int | None = None,
                  pooling: str = "max", device: str | torch.device | None = None, k: int = 64,
                  sae_k: int | None = None, window: int | None = None, overlap: int = 32,
                  max_tokens: int | None = None, keep_special: bool = False,
-                 cache_dir: str | Path | bool | None = None, precision: str = "auto"):
+                 cache_dir: str | Path | bool | None = None, precision: str = "auto", backend: str = "auto"):
         self.host = get_host(model, device)
         self.device = self.host.device
         self.sae = resolve_sae(sae, model, self.device)
@@ -83,10 +86,15 @@ class SAEEmbedder:
         self.model_name, self.pooling, self.k = model, pooling, k
         self.window = min(window or self.host.default_window, self.host.window_capacity)
         self.overlap, self.max_tokens, self.keep_special = overlap, max_tokens, keep_special
-        self.precision = resolve_precision(self.device, precision)
+        self.runtime: Runtime = resolve_runtime(self.device, precision, backend, onnx_capable(self.host))
+        self.precision = self.runtime.autocast_precision  # of the torch parts: the SAE step, and a torch host
         split_windows(0, 1, self.window, self.overlap, self.host.is_causal)  # validates window/overlap early
         self.cache_root = None if cache_dir is False else Path(cache_dir or default_cache_dir())
         self._caches: dict[str, StatsCache] = {}
+        self._onnx = None
+        if self.runtime.backend == "onnx":
+            root = self.cache_root or default_cache_dir()
+            self._onnx = OnnxHost(self.host, self.layer, self.runtime.precision, root)
 
     @property
     def d_sae(self) -> int:
@@ -96,7 +104,9 @@ class SAEEmbedder:
         """Everything that changes the cached statistics of a document."""
         s = {"kind": kind, "host": self.model_name, "host_fingerprint": self.host.fingerprint, "layer": self.layer,
              "window": self.window, "overlap": self.overlap, "max_tokens": self.max_tokens,
-             "keep_special": self.keep_special, "precision": self.precision}
+             "keep_special": self.keep_special, "precision": self.runtime.precision}
+        if self.runtime.backend != "torch":  # torch-backend keys as before, so existing caches stay valid
+            s["backend"] = self.runtime.backend
         if kind == "sae":
             s |= {"sae": self.sae.content_hash, "sae_k": self.sae.cfg.k}
         return s
@@ -202,7 +212,10 @@ class SAEEmbedder:
             batch = windows[b:b + batch_size]
             wrapped = [self.host.wrap(docs_ids[w.doc][w.start:w.end]) for w in batch]
             ids, att = self.host.pad_batch([x for x, _ in wrapped])
-            acts = self.host.residual(ids, att, self.layer, self.precision)
+            if self._onnx is not None:
+                acts = self._onnx.residual(ids, att)
+            else:
+                acts = self.host.residual(ids, att, self.layer, self.precision)
             sel_rows, sel_cols, docs, pos = [], [], [], []
             for i, (w, (_, content)) in enumerate(zip(batch, wrapped)):
                 offset = content.index(True) if True in content else 0  # position of the first content token

@@ -59,8 +59,8 @@ class SAEVectorizer(_LazyModel):
                  pooling: str = "max", k: int = 64, sae_k: int | None = None, window: int | None = None,
                  overlap: int = 32, max_tokens: int | None = None, batch_size: int = 32,
                  device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None,
-                 precision: str = "auto"):
-        self.precision = precision
+                 precision: str = "auto", backend: str = "auto"):
+        self.precision, self.backend = precision, backend
         self.model, self.sae, self.layer, self.pooling, self.k, self.sae_k = model, sae, layer, pooling, k, sae_k
         self.window, self.overlap, self.max_tokens = window, overlap, max_tokens
         self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
@@ -72,7 +72,7 @@ class SAEVectorizer(_LazyModel):
             self._embedder = get_embedder(model=self.model, sae=self.sae, layer=self.layer, pooling=self.pooling,
                                           k=self.k, sae_k=self.sae_k, window=self.window, overlap=self.overlap,
                                           max_tokens=self.max_tokens, device=self.device, cache_dir=self.cache_dir,
-                                          precision=self.precision)
+                                          precision=self.precision, backend=self.backend)
         return self._embedder
 
     def transform(self, X: Sequence[str]) -> sp.csr_matrix:
@@ -90,10 +90,11 @@ class DenseVectorizer(SAEVectorizer):
     def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
                  pooling: str = "mean", window: int | None = None, overlap: int = 32,
                  max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
-                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto"):
+                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto",
+                 backend: str = "auto"):
         super().__init__(model=model, sae=sae, layer=layer, pooling=pooling, window=window, overlap=overlap,
                          max_tokens=max_tokens, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                         show_progress_bar=show_progress_bar, precision=precision)
+                         show_progress_bar=show_progress_bar, precision=precision, backend=backend)
 
     def transform(self, X: Sequence[str]) -> np.ndarray:
         self._check_input(X)
@@ -180,7 +181,8 @@ class SentenceVectorizer(_LazyModel):
         return int(get())
 
     def _precision(self) -> str:
-        return resolve_precision(resolve_device(self.device), self.precision)
+        """sentence-transformers runs on torch: int8 (an ONNX Runtime precision) counts as auto here."""
+        return resolve_precision(resolve_device(self.device), "auto" if self.precision == "int8" else self.precision)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"st_{i}" for i in range(self._dim())], dtype=object)

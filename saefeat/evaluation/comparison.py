@@ -33,6 +33,9 @@ class TaskRun:
             experiment, self.run_name, to_dict(self.cfg),
             tags={"task": self.name, "host": str(self.cfg.model.path), "sae": str(self.cfg.sae.path),
                   "saefeat.role": "parent"}))
+        self.resolved = resolved_embedding(self.cfg)
+        if self.resolved:
+            log_params({"resolved": self.resolved})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -50,14 +53,24 @@ class TaskRun:
         metrics: dict[str, float] = {}
         with mlflow.start_run(run_name=name, nested=True, experiment_id=self.parent.info.experiment_id,
                               tags={"representation": name, "task": self.name, "saefeat.role": "representation"}):
-            if params:
-                log_params(params)
+            log_params({"resolved": self.resolved} | (params or {}))
             yield metrics
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         self.rows[name] = metrics
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.rows, orient="index").rename_axis("representation")
+
+
+def resolved_embedding(cfg: DictConfig) -> dict[str, str]:
+    """What the run's SAE embedding resolves to (host and SAE hashes, layer, backend, precision, device, kernel),
+    from the embedder the `sae` representation uses; {} for a config without an embedding section."""
+    if not all(key in cfg for key in ("model", "sae", "embed")):
+        return {}
+    from saefeat.provenance import embedder_provenance
+    from saefeat.representations import representation_from_config
+
+    return embedder_provenance(representation_from_config("sae", cfg).embedder)
 
 
 def print_table(df: pd.DataFrame, title: str, console: Console | None = None) -> None:

@@ -110,7 +110,7 @@ def fingerprint(emb: SAEEmbedder, texts: Sequence[str], settings: dict) -> str:
 
     Precision is left out: bf16 and fp32 cards differ by about 1% in activations, not in what they show.
     """
-    emb_settings = {k: v for k, v in emb.settings("sae").items() if k != "precision"}
+    emb_settings = {k: v for k, v in emb.settings("sae").items() if k not in ("precision", "backend")}
     h = hashlib.sha256(json.dumps({"v": SCHEMA_VERSION, "emb": emb_settings, **settings},
                                   sort_keys=True, default=str).encode())
     for t in texts:

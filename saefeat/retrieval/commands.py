@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -28,7 +28,8 @@ def index_file(cfg: DictConfig) -> SAEIndex:
                            dense=dense, sentence_model=e.sentence_model, batch_size=e.batch_size,
                            show_progress_bar=e.show_progress_bar, layer=cfg.model.layer, sae_k=cfg.sae.k,
                            window=cfg.model.window, overlap=e.overlap, max_tokens=e.max_tokens, device=e.device,
-                           cache_dir=e.cache_dir, precision=e.get("precision", "auto"))
+                           cache_dir=e.cache_dir, precision=e.get("precision", "auto"),
+                           backend=e.get("backend", "auto"))
     out = index.save(cfg.output)
     nnz = index.vectors.nnz
     print(f"indexed {len(index)} documents into {out}: {nnz / max(len(index), 1):.0f} latents per document "
@@ -38,9 +39,9 @@ def index_file(cfg: DictConfig) -> SAEIndex:
 
 def search_config(overrides: Sequence[str]) -> DictConfig:
     """configs/commands/search.yaml merged with `key=value` overrides (unknown keys are errors)."""
-    from saefeat.config import apply_overrides, configs_dir, parse_overrides
+    from saefeat.config import apply_overrides, parse_overrides, read_config
 
-    cfg = OmegaConf.load(configs_dir() / "commands" / "search.yaml")
+    cfg = read_config("commands", "search.yaml")
     return apply_overrides(cfg, parse_overrides(overrides))
 
 

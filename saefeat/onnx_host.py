@@ -1,0 +1,140 @@
+"""The host truncated after one block, exported once to ONNX and run with ONNX Runtime on CPU.
+
+The exported graph reads `input_ids` and `attention_mask` and returns the residual stream after block `layer`,
+as `HostModel.residual` does; the blocks after it are not in the graph. `int8` quantizes the weights of every
+MatMul per output channel, and the activations per batch (ONNX Runtime's dynamic quantization). Exports are
+cached by host fingerprint, layer, precision and library versions, and written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from saefeat.atomic import atomic_write
+from saefeat.hosts import HostModel
+
+logger = logging.getLogger(__name__)
+
+EXPORT_VERSION = 1
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def onnx_capable(host: HostModel) -> bool:
+    """Hosts the exporter supports: encoders (BERT-style). Causal LMs run on the torch backend."""
+    return not host.is_causal
+
+
+class _Truncated(nn.Module):
+    """The host's forward with a hook that returns block `layer`'s output."""
+
+    def __init__(self, host: HostModel, layer: int):
+        super().__init__()
+        self.model, self.block = host.model, host.blocks[layer]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, _inputs, output):
+            captured["x"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self.block.register_forward_hook(hook)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()
+        return captured["x"]
+
+
+@contextlib.contextmanager
+def _blocks_cut_after(host: HostModel, layer: int):
+    """Temporarily drop the blocks after `layer` from the host, so the export holds only what is read."""
+    parent, attr = _owner_of(host.model, host.blocks)
+    setattr(parent, attr, nn.ModuleList(list(host.blocks)[: layer + 1]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, host.blocks)
+
+
+def _owner_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is target:
+                return module, name
+    raise ValueError("the host's block list is not a child of its model")
+
+
+def export_path(host: HostModel, layer: int, precision: str, root: Path) -> Path:
+    """Where the export of (host, layer, precision) is cached."""
+    import onnxruntime
+    import transformers
+
+    key = f"{host.fingerprint}|{layer}|{precision}|{EXPORT_VERSION}|{torch.__version__}|{transformers.__version__}|" \
+          f"{onnxruntime.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return root / "onnx" / f"{Path(host.name).name}-L{layer}-{precision}-{digest}.onnx"
+
+
+def export_truncated(host: HostModel, layer: int, precision: str, target: Path) -> Path:
+    """Export the host up to block `layer` (and quantize it for int8) to `target`, atomically."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"ONNX export precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
+    if not onnx_capable(host):
+        raise ValueError(f"backend=onnx supports encoder hosts; {host.name} is a causal LM (use backend=torch)")
+    host.check_layer(layer)
+    ids, att = host.pad_batch([host.wrap(list(range(1000, 1008)))[0], host.wrap(list(range(1000, 1004)))[0]])
+    module = _Truncated(host, layer).eval()
+
+    def write_fp32(path: str) -> None:
+        with _blocks_cut_after(host, layer), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (ids.cpu(), att.cpu()), path, input_names=["input_ids", "attention_mask"],
+                              output_names=["residual"], opset_version=17, dynamo=False,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                            "attention_mask": {0: "batch", 1: "tokens"},
+                                            "residual": {0: "batch", 1: "tokens"}})
+
+    def write_int8(path: str) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fp32 = export_path(host, layer, "fp32", target.parent.parent)
+        if not fp32.is_file():
+            export_truncated(host, layer, "fp32", fp32)
+        quantize_dynamic(str(fp32), path, weight_type=QuantType.QInt8, per_channel=True)
+
+    logger.info("exporting %s up to block %d to ONNX (%s): %s", host.name, layer, precision, target)
+    atomic_write(target, write_fp32 if precision == "fp32" else write_int8)
+    return target
+
+
+class OnnxHost:
+    """`residual(input_ids, attention_mask)` of a host truncated after block `layer`, on ONNX Runtime (CPU)."""
+
+    def __init__(self, host: HostModel, layer: int, precision: str, cache_root: Path):
+        import onnxruntime as ort
+
+        self.host, self.layer, self.precision = host, layer, precision
+        self.path = export_path(host, layer, precision, Path(cache_root))
+        if not self.path.is_file():
+            export_truncated(host, layer, precision, self.path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        # no spinning between runs: torch's threads run the SAE step and pooling on the same cores right after
+        # (with spinning on, the two pools fight and a pass runs up to 1.8x slower on 2 cores)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+
+    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Residual stream after block `layer`, (B, T, d) float32 on CPU."""
+        feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64),
+                 "attention_mask": attention_mask.cpu().numpy().astype(np.int64)}
+        return torch.from_numpy(self.session.run(None, feeds)[0])

@@ -1,0 +1,141 @@
+"""The resolved runtime (backend, precision): its rules, the ONNX Runtime host, CUDA, and what MLflow records."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from saefeat import device as device_mod
+from saefeat.device import Runtime, resolve_runtime
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_runtime_follows_the_cpu(monkeypatch, native):
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(device_mod, "onnxruntime_available", lambda: True)
+    expected = Runtime("torch", "bf16") if native else Runtime("onnx", "int8")
+    assert resolve_runtime(CPU, "auto", "auto") == expected
+    # a causal LM is not exported: torch, in the precision the CPU runs fast
+    assert resolve_runtime(CPU, "auto", "auto", onnx_capable=False) == Runtime("torch", "bf16" if native else "fp32")
+    assert resolve_runtime(CPU, "fp32", "auto") == Runtime("torch", "fp32")  # fp32 alone stays exact torch
+    assert resolve_runtime(CPU, "int8", "auto") == Runtime("onnx", "int8")
+    assert resolve_runtime(CPU, "auto", "onnx") == Runtime("onnx", "int8")
+    assert resolve_runtime(torch.device("cuda"), "auto", "auto") == Runtime("torch", "bf16")
+
+
+def test_auto_runtime_without_onnxruntime(monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device_mod, "onnxruntime_available", lambda: False)
+    assert resolve_runtime(CPU, "auto", "auto") == Runtime("torch", "fp32")
+    with pytest.raises(ValueError, match="needs onnxruntime"):
+        resolve_runtime(CPU, "int8", "auto")
+
+
+@pytest.mark.parametrize("precision, backend, device, message", [
+    ("int8", "torch", "cpu", "int8 runs on backend=onnx"),
+    ("bf16", "onnx", "cpu", "not bf16"),
+    ("auto", "onnx", "cuda", "CPU only"),
+    ("int8", "auto", "cuda", "CPU only"),
+    ("fp16", "auto", "cpu", "precision must be one of"),
+    ("auto", "tensorrt", "cpu", "backend must be one of"),
+])
+def test_bad_runtime_is_refused_by_name(precision, backend, device, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_runtime(torch.device(device), precision, backend)
+
+
+def test_causal_host_refuses_the_onnx_backend(smollm2):
+    from saefeat.onnx_host import onnx_capable
+
+    assert not onnx_capable(smollm2)
+    with pytest.raises(ValueError, match="encoder hosts"):
+        resolve_runtime(CPU, "fp32", "onnx", onnx_capable=onnx_capable(smollm2))
+
+
+def _abstracts(data_dir, n: int) -> list[str]:
+    with gzip.open(data_dir / "retrieval" / "scifact" / "corpus.jsonl.gz", "rt") as fh:
+        return [f"{d['title']}. {d['text']}" for d in map(json.loads, (next(fh) for _ in range(n)))]
+
+
+@pytest.fixture(scope="module")
+def onnx_root(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def test_onnx_fp32_host_matches_torch_fp32(data_dir, onnx_root):
+    from saefeat.embed.embedder import SAEEmbedder
+
+    docs = _abstracts(data_dir, 12)
+    ref = SAEEmbedder("minilm", cache_dir=False, precision="fp32", backend="torch")
+    ort = SAEEmbedder("minilm", cache_dir=onnx_root, precision="fp32", backend="onnx")
+    assert ort.runtime == Runtime("onnx", "fp32") and ort._onnx is not None
+    a, b = ref.encode_stats(docs, "dense"), ort.encode_stats(docs, "dense")
+    np.testing.assert_array_equal(a.n_tokens, b.n_tokens)
+    np.testing.assert_allclose(b.sum / b.n_tokens[:, None], a.sum / a.n_tokens[:, None], atol=2e-4)
+    xa, xb = ref.encode(docs).toarray(), ort.encode(docs).toarray()
+    assert np.abs(xa - xb).max() < 1e-2
+    # the stats cache keeps the runtimes apart
+    assert ref.settings("sae") != ort.settings("sae") and ort.settings("sae")["backend"] == "onnx"
+
+
+def test_onnx_int8_host_stays_close_and_its_export_is_reused(data_dir, onnx_root):
+    from saefeat.embed.embedder import SAEEmbedder
+
+    docs = _abstracts(data_dir, 12)
+    ref = SAEEmbedder("minilm", cache_dir=False, precision="fp32", backend="torch").encode(docs).toarray()
+    emb = SAEEmbedder("minilm", cache_dir=onnx_root, precision="int8")
+    path, mtime = emb._onnx.path, emb._onnx.path.stat().st_mtime_ns
+    got = emb.encode(docs).toarray()
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.95, cos  # int8 weights and activations: close, not exact
+    assert not np.array_equal(ref, got)
+    again = SAEEmbedder("minilm", cache_dir=onnx_root, precision="int8", pooling="mean")
+    assert again._onnx.path == path and path.stat().st_mtime_ns == mtime  # exported once, then read
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_embedding_matches_cpu(data_dir):
+    from saefeat.embed.embedder import SAEEmbedder
+
+    docs = _abstracts(data_dir, 16)
+    cpu = SAEEmbedder("minilm", device="cpu", cache_dir=False, precision="fp32").encode(docs).toarray()
+    gpu = SAEEmbedder("minilm", device="cuda", cache_dir=False)
+    assert gpu.runtime == Runtime("torch", "bf16")
+    got = gpu.encode(docs).toarray()
+    cos = (cpu * got).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.98, cos
+
+
+def test_runs_record_what_ran_in_the_callers_store(tmp_path, monkeypatch):
+    from saefeat.config import load_config
+    from saefeat.evaluation.comparison import TaskRun
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mine.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        cfg = load_config("tasks", ["task=earnings", "embed.precision=fp32", f"embed.cache_dir={tmp_path}",
+                                    "tracking.experiment=provenance-test"])
+        with TaskRun(cfg) as run, run.representation("sae") as metrics:
+            metrics["x"] = 1.0
+        assert mlflow.get_tracking_uri() == uri  # start_run kept the caller's store
+        runs = mlflow.search_runs(experiment_names=["provenance-test"])
+        assert len(runs) == 2
+        for _, r in runs.iterrows():  # parent and child both say what ran
+            assert r["params.resolved.precision"] == "fp32" and r["params.resolved.backend"] == "torch"
+            assert r["params.resolved.device"] == "cpu" and len(r["params.resolved.host_fingerprint"]) == 16
+        parent = runs[runs["tags.saefeat.role"] == "parent"].iloc[0]
+        assert parent["tags.version.torch"] == importlib.metadata.version("torch")
+        assert parent["tags.saefeat.git_dirty"] in ("True", "False", "unknown")
+        assert parent["tags.cpu"] and parent["tags.cpu.native_bf16"] in ("True", "False")
+    finally:
+        mlflow.set_tracking_uri(None)
