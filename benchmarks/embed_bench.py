@@ -62,7 +62,7 @@ class OnnxSentence:
     def __init__(self, host, precision: str, root: Path):
         from saefeat.onnx_host import OnnxHost
 
-        self.host, self.limit = host, 256 - host.n_special  # all-MiniLM-L6-v2's max_seq_length is 256
+        self.host, self.limit = host, host.default_window  # its max_seq_length (256) less [CLS]/[SEP]
         self.onnx = OnnxHost(host, host.n_layers - 1, precision, root)
 
     def encode(self, docs: list[str], batch_size: int):
@@ -105,7 +105,7 @@ class Runners:
     def tokens(self, kind: str, docs: list[str]) -> int:
         """Content tokens the representation reads: all of them, or up to max_seq_length for the full model."""
         lengths = [len(t) for t in self.host.tokenize(docs)]
-        limit = 256 - self.host.n_special if kind.startswith("sentence") else None
+        limit = self.host.default_window if kind.startswith("sentence") else None
         return sum(min(n, limit) if limit else n for n in lengths)
 
     def run(self, kind: str, docs: list[str]) -> float:

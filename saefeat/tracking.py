@@ -20,20 +20,26 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
 
 
-def tracking_uri_is_set() -> bool:
-    """True when the caller (or $MLFLOW_TRACKING_URI) already chose an MLflow store."""
+_own_uri: str | None = None  # the store setup_tracking chose itself last: re-resolved on the next call
+
+
+def _caller_uri() -> str | None:
+    """The store the caller set with `mlflow.set_tracking_uri`, if it is not one saefeat set itself."""
     try:
-        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-    except ImportError:  # moved in another MLflow version: fall back on the environment variable
-        return bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    return bool(is_tracking_uri_set())
+        from mlflow.tracking._tracking_service import utils
+    except ImportError:  # moved in another MLflow version: only saefeat's own resolution is known
+        return None
+    current = getattr(utils, "_tracking_uri", None)
+    return None if not current or current == _own_uri else str(current)
 
 
 def setup_tracking(uri: str | None = None) -> str:
-    """Use `uri`, else the store the caller already set, else `default_tracking_uri()`."""
-    if uri is None and tracking_uri_is_set():
-        return mlflow.get_tracking_uri()
-    uri = uri or default_tracking_uri()
+    """Use `uri`, else the store the caller already set in code, else `default_tracking_uri()`."""
+    global _own_uri
+    caller = None if uri else _caller_uri()
+    uri = uri or caller or default_tracking_uri()
+    if caller is None:
+        _own_uri = uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

@@ -139,3 +139,23 @@ def test_runs_record_what_ran_in_the_callers_store(tmp_path, monkeypatch):
         assert parent["tags.cpu"] and parent["tags.cpu.native_bf16"] in ("True", "False")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_saefeats_own_store_follows_the_environment(tmp_path, monkeypatch):
+    from saefeat.tracking import setup_tracking, start_run
+
+    first, second = tmp_path / "a" / "new" / "m.db", tmp_path / "b" / "new" / "m.db"
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first}")
+        with start_run("env-test", "one"):
+            pass
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{second}")  # the store saefeat chose is not kept
+        with start_run("env-test", "two"):
+            pass
+        assert first.is_file() and second.is_file()  # folders of a store named in the environment are created
+        assert mlflow.get_tracking_uri() == f"sqlite:///{second}"
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        monkeypatch.chdir(tmp_path)
+        assert setup_tracking() == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    finally:
+        mlflow.set_tracking_uri(None)
