@@ -42,9 +42,10 @@ def smollm2():
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Every test gets its own embedding cache and MLflow store."""
-    monkeypatch.setenv("SAEFEAT_CACHE", str(tmp_path / "cache"))
+def _isolated(tmp_path, tmp_path_factory, monkeypatch):
+    """Every test gets its own embedding cache and MLflow store. The cache sits beside the test's tmp_path, not in
+    it: on CPUs without native bf16 the ONNX export lands there, and tests assert what tmp_path holds."""
+    monkeypatch.setenv("SAEFEAT_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SAEFEAT_CONFIGS", raising=False)  # the configs of the imported saefeat package
