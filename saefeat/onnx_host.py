@@ -83,8 +83,9 @@ def export_path(host: HostModel, layer: int, precision: str, root: Path) -> Path
     return root / "onnx" / f"{Path(host.name).name}-L{layer}-{precision}-{digest}.onnx"
 
 
-def export_truncated(host: HostModel, layer: int, precision: str, target: Path) -> Path:
-    """Export the host up to block `layer` (and quantize it for int8) to `target`, atomically."""
+def export_truncated(host: HostModel, layer: int, precision: str, target: Path, fresh_source: bool = False) -> Path:
+    """Export the host up to block `layer` (and quantize it for int8) to `target`, atomically. int8 quantizes the
+    cached fp32 export, exported first where missing (or again with `fresh_source`)."""
     if precision not in ONNX_PRECISIONS:
         raise ValueError(f"ONNX export precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
     if not onnx_capable(host):
@@ -106,7 +107,7 @@ def export_truncated(host: HostModel, layer: int, precision: str, target: Path) 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         fp32 = export_path(host, layer, "fp32", target.parent.parent)
-        if not fp32.is_file():
+        if fresh_source or not fp32.is_file():
             export_truncated(host, layer, "fp32", fp32)
         quantize_dynamic(str(fp32), path, weight_type=QuantType.QInt8, per_channel=True)
 
@@ -120,6 +121,7 @@ class OnnxHost:
 
     def __init__(self, host: HostModel, layer: int, precision: str, cache_root: Path):
         import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
 
         self.host, self.layer, self.precision = host, layer, precision
         self.path = export_path(host, layer, precision, Path(cache_root))
@@ -131,7 +133,12 @@ class OnnxHost:
         # no spinning between runs: torch's threads run the SAE step and pooling on the same cores right after
         # (with spinning on, the two pools fight and a pass runs up to 1.8x slower on 2 cores)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except (InvalidProtobuf, InvalidGraph, Fail) as e:  # a damaged cache file: it is derived, so rebuild it
+            logger.warning("cached ONNX export %s is unreadable (%s); exporting it again", self.path, e)
+            export_truncated(host, layer, precision, self.path, fresh_source=True)
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
 
     def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Residual stream after block `layer`, (B, T, d) float32 on CPU."""

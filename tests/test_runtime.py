@@ -102,6 +102,20 @@ def test_onnx_int8_host_stays_close_and_its_export_is_reused(data_dir, onnx_root
     assert again._onnx.path == path and path.stat().st_mtime_ns == mtime  # exported once, then read
 
 
+def test_a_damaged_export_is_rebuilt(data_dir, onnx_root):
+    from saefeat.embed.embedder import SAEEmbedder
+    from saefeat.onnx_host import OnnxHost
+
+    good = SAEEmbedder("minilm", cache_dir=onnx_root, precision="int8")._onnx  # its session is already in memory
+    host = good.host
+    ids, att = host.pad_batch([host.wrap(ids[:200])[0] for ids in host.tokenize(_abstracts(data_dir, 3))])
+    for path in good.path.parent.glob("*.onnx"):  # the int8 export and the fp32 one it was quantized from
+        path.write_bytes(path.read_bytes()[:1000])
+    again = OnnxHost(host, good.layer, "int8", onnx_root)
+    assert again.path == good.path and good.path.stat().st_size > 1000
+    torch.testing.assert_close(again.residual(ids, att), good.residual(ids, att), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_embedding_matches_cpu(data_dir):
     from saefeat.embed.embedder import SAEEmbedder
