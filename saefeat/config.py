@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from saefeat.errors import SaefeatError
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 
-class ConfigError(ValueError):
+class ConfigError(SaefeatError):
     """A bad config name, key or value; the message lists what is valid."""
 
 

@@ -1,0 +1,15 @@
+"""The package's own errors: bad input a user can fix. The CLI prints these as one line; anything else raises."""
+
+from __future__ import annotations
+
+
+class SaefeatError(ValueError):
+    """Base of saefeat's errors; the message names the file, row, field or key at fault."""
+
+
+class SAEFormatError(SaefeatError):
+    """An SAE file or flag saefeat cannot apply exactly (refused by name, never dropped)."""
+
+
+class SAESiteError(SaefeatError):
+    """An SAE trained at a hook site saefeat cannot read on this host."""
