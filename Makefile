@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-portable lint bench
+.PHONY: setup run test test-portable lint bench interop-venv
 
 $(STAMP): pyproject.toml saefeat/sae/_topk.c
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,20 @@ $(STAMP): pyproject.toml saefeat/sae/_topk.c
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# sae-lens and eai-sparsify for tests/test_sae_interop.py, in a venv of their own (in the project's venv sae-lens
+# would re-pin torch and transformers); the CPU torch first, then pinned again so pip cannot swap it
+INTEROP_VENV := .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+
+$(INTEROP_STAMP):
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q --upgrade pip
+	$(INTEROP_VENV)/bin/pip install -q torch==2.13.0
+	$(INTEROP_VENV)/bin/pip install -q torch==2.13.0 sae-lens==6.54.12 eai-sparsify==1.3.3
+	touch $(INTEROP_STAMP)
+
+interop-venv: $(INTEROP_STAMP)
 
 run: setup
 	$(VENV)/bin/saefeat run

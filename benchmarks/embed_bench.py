@@ -84,7 +84,8 @@ class Runners:
     def __init__(self, device: str | None, precision: str, backend: str, batch_size: int,
                  kinds: tuple[str, ...] = KINDS):
         from saefeat.device import resolve_device
-        from saefeat.embed.embedder import SAEEmbedder, get_host
+        from saefeat.embed.embedder import SAEEmbedder
+        from saefeat.hosts import get_host
 
         self.device, self.batch_size = resolve_device(device), batch_size
         self.host = get_host("minilm", self.device)
@@ -215,7 +216,7 @@ def storage(n: int) -> dict:
     from saefeat.embed.storage import stored_bytes
 
     docs = load_docs(n)
-    emb = SAEEmbedder("minilm", sae="default", k=64)
+    emb = SAEEmbedder("minilm", sae="default", pool_k=64)
     X_max = emb.encode(docs, pooling="max", show_progress_bar=False)
     X_top = emb.encode(docs, pooling="topk", show_progress_bar=False)
     dense = emb.encode_dense(docs, show_progress_bar=False)

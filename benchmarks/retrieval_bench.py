@@ -174,6 +174,7 @@ def perturbed_copies(X: sp.csr_matrix, D: np.ndarray, n: int, seed: int = 0) -> 
 
 
 def bench_speed(args, scifact: dict | None) -> None:
+    from saefeat.config import embed_config
     from saefeat.embed.vectorizers import get_embedder
     from saefeat.retrieval.evaluation import load_beir
     from saefeat.retrieval.index import SAEIndex
@@ -192,8 +193,7 @@ def bench_speed(args, scifact: dict | None) -> None:
     if max(args.sizes) > len(base):
         console.print(f"sizes above {len(base)} use perturbed copies of the {len(base)} real SciFact vectors")
     # queries are encoded for real in the 'sae+encode' timing, never read from the cache
-    fresh = get_embedder(model=cfg.model.path, sae=cfg.sae.path, layer=cfg.model.layer, window=cfg.model.window,
-                         precision=cfg.embed.precision, backend=cfg.embed.backend, cache_dir=False)
+    fresh = get_embedder(embed_config(cfg, cache=False))
     rows = {}
     for pooling in ("max", "topk"):
         X_real = base.encode(texts, show_progress_bar=False) if pooling == base.pooling else \

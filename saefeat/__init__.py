@@ -12,6 +12,8 @@ _EXPORTS = {
     "SAE": "saefeat.sae.model",
     "SAEConfig": "saefeat.sae.model",
     "SAEEmbedder": "saefeat.embed.embedder",
+    "EmbedConfig": "saefeat.embed.config",
+    "BaselineConfig": "saefeat.embed.config",
     "SAEVectorizer": "saefeat.embed.vectorizers",
     "DenseVectorizer": "saefeat.embed.vectorizers",
     "SentenceVectorizer": "saefeat.embed.vectorizers",

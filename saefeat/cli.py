@@ -16,7 +16,7 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="SAE features as document representations. Commands take key=value overrides.")
 console = Console(stderr=True)
-Overrides = typer.Argument(None, help="config overrides, e.g. model=smollm2 sae.k=32")
+Overrides = typer.Argument(None, help="config overrides, e.g. model=smollm2 embed.sae_k=32")
 
 
 def _friendly(fn):
@@ -39,7 +39,7 @@ def _friendly(fn):
 @app.command()
 @_friendly
 def run(overrides: list[str] = Overrides) -> None:
-    """Run a task: `saefeat run task=earnings model=smollm2 sae.k=32`."""
+    """Run a task: `saefeat run task=earnings model=smollm2 embed.sae_k=32`."""
     from saefeat.config import load_config
     from saefeat.tasks import get_task
 
@@ -57,9 +57,9 @@ def _clock(seconds: float) -> str:
 @app.command("train-sae")
 @_friendly
 def train_sae(overrides: list[str] = Overrides) -> None:
-    """Train a TopK SAE: `saefeat train-sae model=minilm layer=3 sae.d_sae=4096 sae.k=32`."""
+    """Train a TopK SAE: `saefeat train-sae model=minilm layer=3 d_sae=4096 k=32 output=my-sae/`."""
+    from saefeat.commands.train_sae import run_training
     from saefeat.config import load_config
-    from saefeat.sae.training_run import run_training
 
     run_training(load_config("train", overrides or []))
 
@@ -68,8 +68,8 @@ def train_sae(overrides: list[str] = Overrides) -> None:
 @_friendly
 def embed(overrides: list[str] = Overrides) -> None:
     """Embed a corpus: `saefeat embed input=corpus.jsonl text_field=text output=emb.npz`."""
+    from saefeat.commands.embed import embed_file
     from saefeat.config import load_config
-    from saefeat.embed.corpus import embed_file
 
     embed_file(load_config("embed", overrides or []))
 
@@ -78,8 +78,8 @@ def embed(overrides: list[str] = Overrides) -> None:
 @_friendly
 def index_cmd(overrides: list[str] = Overrides) -> None:
     """Build an SAE retrieval index: `saefeat index input=corpus.jsonl output=idx/ [id_field=_id]`."""
+    from saefeat.commands.search import index_file
     from saefeat.config import load_config
-    from saefeat.retrieval.commands import index_file
 
     index_file(load_config("index", overrides or []))
 
@@ -89,7 +89,7 @@ def index_cmd(overrides: list[str] = Overrides) -> None:
 def search(index: str = typer.Argument(..., help="index folder written by `saefeat index`"),
            overrides: list[str] = Overrides) -> None:
     """Search an index: `saefeat search idx/ query="..."` or `saefeat search idx/ examples=pos.txt`."""
-    from saefeat.retrieval.commands import run_search
+    from saefeat.commands.search import run_search
 
     run_search(index, overrides or [])
 
@@ -98,30 +98,28 @@ def search(index: str = typer.Argument(..., help="index folder written by `saefe
 @_friendly
 def compare(overrides: list[str] = Overrides) -> None:
     """Print the latest run's metrics per representation and log a bar chart: `saefeat compare task=earnings`."""
-    import mlflow
+    from saefeat.commands.compare import compare as run_compare
 
-    from saefeat.config import parse_overrides
-    from saefeat.evaluation.comparison import latest_comparison, plot_comparison, print_table
-    from saefeat.tracking import setup_tracking
+    run_compare(overrides or [])
 
-    ov = parse_overrides(overrides or [])
-    task = ov.pop("task", None)
-    experiment = ov.pop("experiment", None) or task
-    if not experiment or ov:
-        raise ValueError("usage: saefeat compare task=NAME [experiment=NAME]")
-    setup_tracking()
-    parent_id, table = latest_comparison(experiment)
-    print_table(table, f"{experiment}: latest run {parent_id[:8]}")
-    with mlflow.start_run(run_id=parent_id):
-        mlflow.log_figure(plot_comparison(table), "comparison.png")
+
+@app.command("probe-sae")
+@_friendly
+def probe_sae(overrides: list[str] = Overrides,
+              quick: bool = typer.Option(False, "--quick", help="tiny sizes (the same as quick=true)")) -> None:
+    """Score one SAE on the probing suite beside dense baselines: `saefeat probe-sae [sae=PATH] [embed.pooling=...]`."""
+    from saefeat.commands.probe import probe_config
+    from saefeat.commands.probe import probe_sae as run_probes
+
+    run_probes(probe_config([*(overrides or []), *(["quick=true"] if quick else [])]))
 
 
 @app.command("describe-latents")
 @_friendly
 def describe_latents(overrides: list[str] = Overrides) -> None:
     """Latent cards over a reference corpus: `saefeat describe-latents model=minilm sae=default corpus=default`."""
-    from saefeat.explain.commands import describe_latents as run_describe
-    from saefeat.explain.commands import latent_config
+    from saefeat.commands.explain import describe_latents as run_describe
+    from saefeat.commands.explain import latent_config
 
     run_describe(latent_config("describe", overrides or []))
 
@@ -130,8 +128,8 @@ def describe_latents(overrides: list[str] = Overrides) -> None:
 @_friendly
 def explain(overrides: list[str] = Overrides) -> None:
     """Print a latent card (`saefeat explain latent=12`) or the latents per token (`saefeat explain text="..."`)."""
-    from saefeat.explain.commands import explain as run_explain
-    from saefeat.explain.commands import latent_config
+    from saefeat.commands.explain import explain as run_explain
+    from saefeat.commands.explain import latent_config
 
     run_explain(latent_config("explain", overrides or []))
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from saefeat.embed.config import BaselineConfig, EmbedConfig
 from saefeat.errors import SaefeatError
 
 if TYPE_CHECKING:
@@ -95,44 +96,89 @@ def apply_overrides(cfg: DictConfig, overrides: dict[str, str]) -> DictConfig:
         except (ConfigAttributeError, ConfigKeyError) as e:
             raise ConfigError(f"unknown config key {key!r}; {_valid_keys(cfg, key)}") from e
         except OmegaConfBaseException as e:
-            raise ConfigError(f"bad value for {key!r}: {value!r} ({e.msg if hasattr(e, 'msg') else e})") from e
+            raise ConfigError(f"bad value for {key!r}: {value!r} ({_first_line(e)})") from e
         cfg = merged
         OmegaConf.set_struct(cfg, True)
     return cfg
 
 
-def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Resolved config for a command.
+# keys of earlier versions, and where each went
+RENAMED = {"model.path": "model (or embed.model)", "model.layer": "embed.layer", "model.window": "embed.window",
+           "sae.path": "sae (or embed.sae)", "sae.k": "embed.sae_k", "embed.k": "embed.pool_k",
+           "embed.dense_pooling": "baselines.dense_pooling", "embed.sentence_model": "baselines.sentence_model",
+           "embed.tfidf_max_features": "baselines.tfidf_max_features"}
+SHORTHANDS = {"sae": "embed.sae"}  # `sae=X` is short for embed.sae=X in every command
 
-    kind="tasks": base.yaml + tasks/<task>.yaml + models/<model>.yaml under `model` + overrides.
-    kind="train": base.yaml + train/<model>.yaml + overrides (for `train-sae`).
+
+def _first_line(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "msg", None) or e).splitlines()[0]
+
+
+def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Resolved config for a command: base.yaml, then the command's YAML, then configs/models/<model>.yaml when
+    `model=NAME` is given, then the overrides; `embed` and `baselines` are typed (EmbedConfig, BaselineConfig).
+
+    kind: tasks (`task=NAME` picks tasks/NAME.yaml), train (train/<model>.yaml), embed, index, describe, explain,
+    probe.
     """
     ov = parse_overrides(overrides)
+    for short, full in SHORTHANDS.items():
+        if short in ov:
+            ov[full] = ov.pop(short)
+    for old, new in RENAMED.items():
+        if old in ov:
+            raise ConfigError(f"config key {old!r} is now {new}")
     base = read_config("base.yaml")
+    model = ov.pop("model", None)
     if kind == "tasks":
         task = ov.pop("task", None) or str(base.get("task"))
-        task_cfg = _load_named("tasks", task)
-        model = ov.pop("model", None) or str(task_cfg.get("model", base.get("model", "minilm")))
-        cfg = OmegaConf.merge(base, task_cfg, {"task": task, "model": _load_named("models", model)})
+        parts = [_load_named("tasks", task), {"task": task}]
     elif kind == "train":
-        model = ov.pop("model", None) or "minilm"
-        model_cfg = _load_named("models", model)
-        cfg = OmegaConf.merge(base, _load_named("train", model), {"model": model_cfg})
-    elif kind in ("embed", "index"):
-        model = ov.pop("model", None) or str(base.get("model", "minilm"))
-        cfg = OmegaConf.merge(base, _load_named("commands", kind), {"model": _load_named("models", model)})
-    elif kind in ("describe", "explain"):  # `explain` reads the cards `describe-latents` writes: both key sets
-        model = ov.pop("model", None) or str(base.get("model", "minilm"))
-        parts = [_load_named("commands", n) for n in ("describe", "explain")[: 2 if kind == "explain" else 1]]
-        cfg = OmegaConf.merge(base, *parts, {"model": _load_named("models", model)})
+        parts = [_load_named("train", model or "minilm")]
+    elif kind in ("embed", "index", "describe", "probe"):
+        parts = [_load_named("commands", kind)]
+    elif kind == "explain":  # `explain` reads the cards `describe-latents` writes: both key sets
+        parts = [_load_named("commands", "describe"), _load_named("commands", "explain")]
     else:
         raise ConfigError(f"unknown config kind {kind!r}")
+    if model is not None:
+        parts.append(_load_named("models", model))
+    try:
+        cfg = OmegaConf.merge(_schema(), base, *parts)
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        raise ConfigError(f"unknown config key {e.full_key!r} in the YAML; {_valid_keys(_schema(), e.full_key)}") \
+            from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value for {e.full_key!r} in the YAML ({_first_line(e)})") from e
     cfg = apply_overrides(cfg, ov)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from e
+    embed_config(cfg), baseline_config(cfg)  # value checks (ranges, choices) before any model work
     return cfg
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.create({"embed": OmegaConf.structured(EmbedConfig),
+                             "baselines": OmegaConf.structured(BaselineConfig)})
+
+
+def embed_config(cfg: DictConfig, **changes: object) -> EmbedConfig:
+    """The run's EmbedConfig (the `embed:` section), with `changes` applied: the one route from a config to
+    every embedder."""
+    try:
+        return EmbedConfig(**OmegaConf.to_container(cfg.embed, resolve=True)).replace(**changes)
+    except SaefeatError as e:
+        raise ConfigError(str(e)) from e
+
+
+def baseline_config(cfg: DictConfig) -> BaselineConfig:
+    """The run's BaselineConfig (the `baselines:` section)."""
+    try:
+        return BaselineConfig(**OmegaConf.to_container(cfg.baselines, resolve=True))
+    except SaefeatError as e:
+        raise ConfigError(str(e)) from e
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,7 @@ class HostModel:
     blocks: nn.ModuleList = field(repr=False)
     fingerprint: str = ""
     trained_length: int | None = None  # sequence length the model was trained for, when it says so
+    _captures: list = field(default_factory=list, repr=False)
 
     def hook_name(self, layer: int) -> str:
         """The SAELens name of the hook point (`blocks.L.hook_resid_post`)."""
@@ -136,41 +139,146 @@ class HostModel:
         return min(self.window_capacity, self.trained_length - self.n_special)
 
     def pad_batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (input_ids, attention_mask) of full sequences: positions stay 0..len-1 for every model."""
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         att = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # right padding: positions stay 0..len-1 for both model kinds
+        for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             att[i, : len(s)] = 1
         return ids.to(self.device), att.to(self.device)
 
-    @torch.no_grad()
-    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-                 precision: str = "auto") -> torch.Tensor:
-        """Residual stream after block `layer` (B, T, d); the forward stops there."""
+    def batch(self, windows: list[list[int]]) -> Batch:
+        """A forward batch of content-token windows: each wrapped in the model's special tokens and padded."""
+        wrapped = [self.wrap(w) for w in windows]
+        ids, att = self.pad_batch([w for w, _ in wrapped])
+        content = torch.zeros_like(att, dtype=torch.bool)
+        for i, (_, mask) in enumerate(wrapped):
+            content[i, : len(mask)] = torch.tensor(mask, device=content.device)
+        return Batch(ids, att, content)
+
+    @contextlib.contextmanager
+    def hook(self, layer: int, site: str = "output", *, stop: bool = False,
+             replace: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+             add: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+             model: nn.Module | None = None) -> Iterator[Capture]:
+        """The one hook point of the residual stream: block `layer`'s output (`site="output"`, resid_post) or
+        input (`"input"`, resid_pre: the previous block's output, the embeddings' output for block 0).
+
+        Inside the `with` block every forward of the model captures the residual there (`Capture.value`), and
+        `stop=True` ends the forward right after it (use `forward`, which absorbs the stop). `replace(h, content)`
+        returns the new residual; `add` is a vector or `f(h) -> delta` added at content positions only. The
+        content mask is the batch's where `forward` was given one, else the positions not holding a special
+        token (generation). `model` hooks a copy of the host's model (e.g. one being fine-tuned) instead.
+        """
         self.check_layer(layer)
-        captured: dict[str, torch.Tensor] = {}
+        if site not in SITES:
+            raise ValueError(f"site must be one of {SITES}, got {site!r}")
+        model = self.model if model is None else model
+        block = (self.blocks if model is self.model else find_blocks(model, self.n_layers))[layer]
+        cap = Capture()
+        special = torch.tensor(sorted(self.special_ids), dtype=torch.long)
 
-        def hook(_module, _inputs, output):
-            captured["x"] = output[0] if isinstance(output, tuple) else output
-            raise _StopForward
+        def note_tokens(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if cap.content is None and ids is not None:
+                cap.content = ~torch.isin(ids, special.to(ids.device))
 
-        handle = self.blocks[layer].register_forward_hook(hook)
+        def edit(hidden: torch.Tensor) -> torch.Tensor | None:
+            changed = None
+            if replace is not None:
+                changed = replace(hidden, cap.content)
+            if add is not None:
+                base = hidden if changed is None else changed
+                delta = add(base) if callable(add) else add.to(base.dtype)
+                if cap.content is not None and cap.content.shape == base.shape[:2]:
+                    delta = delta * cap.content.unsqueeze(-1).to(base.dtype)
+                changed = base + delta
+            cap.value = hidden if changed is None else changed
+            if stop:
+                raise _StopForward
+            return changed
+
+        def after(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = edit(hidden)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        def before(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            new = edit(hidden)
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        def forget_tokens(_module, _args, _kwargs, _output):
+            cap.content = cap.given
+
+        handles = []
+        try:
+            if replace is not None or add is not None:  # edits need the content mask; a capture does not
+                handles += [model.register_forward_pre_hook(note_tokens, with_kwargs=True),
+                            model.register_forward_hook(forget_tokens, with_kwargs=True, always_call=True)]
+            if site == "output":
+                handles.append(block.register_forward_hook(after))
+            else:
+                handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
+            self._captures.append(cap)
+            yield cap
+        finally:
+            self._captures.remove(cap)
+            for h in handles:
+                h.remove()
+
+    def forward(self, batch: Batch, precision: str = "auto", model: nn.Module | None = None, **kwargs):
+        """Run the model on `batch` (the host's own model, or `model`); returns None when a hook stopped it."""
+        for cap in self._captures:
+            cap.given = cap.content = batch.content
         try:
             with autocast(self.device, precision):
-                self.forward_model(input_ids, attention_mask)
+                return (model or self.model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                             **kwargs)
         except _StopForward:
-            pass
+            return None
         finally:
-            handle.remove()
-        return captured["x"].float()
+            for cap in self._captures:
+                cap.given = cap.content = None
 
-    def forward_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        """Run the underlying transformer (the bare body for causal LMs when no logits are needed)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    @torch.no_grad()
+    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int, precision: str = "auto",
+                 site: str = "output") -> torch.Tensor:
+        """The residual stream (B, T, d) at block `layer`'s output or input; the forward stops there."""
+        with self.hook(layer, site, stop=True) as cap:
+            self.forward(Batch(input_ids, attention_mask, None), precision)
+        return cap.value.float()
+
+
+SITES = ("output", "input")
+
+
+@dataclass
+class Batch:
+    """Forward inputs of padded windows: `content` marks the document's tokens (not special, not padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    content: torch.Tensor | None
+
+
+@dataclass
+class Capture:
+    """What a `HostModel.hook` saw: the residual at its site in the last forward (after any edit)."""
+
+    value: torch.Tensor | None = None
+    content: torch.Tensor | None = None
+    given: torch.Tensor | None = None
 
 
 def _fingerprint(target: str, gguf: str | None) -> str:
@@ -234,3 +342,15 @@ def load_host(name_or_path: str, device: str | torch.device | None = None,
         fingerprint=_fingerprint(target, gguf),
         trained_length=_trained_length(target),
     )
+
+
+_HOSTS: dict[tuple[str, str], HostModel] = {}
+
+
+def get_host(name: str, device: str | torch.device | None = None) -> HostModel:
+    """A host model, loaded once per process and device."""
+    dev = resolve_device(device)
+    key = (name, str(dev))
+    if key not in _HOSTS:
+        _HOSTS[key] = load_host(name, device=dev)
+    return _HOSTS[key]

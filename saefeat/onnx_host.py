@@ -33,24 +33,16 @@ def onnx_capable(host: HostModel) -> bool:
 
 
 class _Truncated(nn.Module):
-    """The host's forward with a hook that returns block `layer`'s output."""
+    """The host's forward, returning block `layer`'s output (captured by `HostModel.hook`)."""
 
     def __init__(self, host: HostModel, layer: int):
         super().__init__()
-        self.model, self.block = host.model, host.blocks[layer]
+        self.host, self.model, self.layer = host, host.model, layer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(_module, _inputs, output):
-            captured["x"] = output[0] if isinstance(output, tuple) else output
-
-        handle = self.block.register_forward_hook(hook)
-        try:
+        with self.host.hook(self.layer) as cap:
             self.model(input_ids=input_ids, attention_mask=attention_mask)
-        finally:
-            handle.remove()
-        return captured["x"]
+        return cap.value
 
 
 @contextlib.contextmanager

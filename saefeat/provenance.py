@@ -75,8 +75,9 @@ def embedder_provenance(embedder: Any) -> dict[str, str]:
     from saefeat.sae import topk
 
     e = embedder
+    sae = e.sae
     return {"host": str(e.model_name), "host_fingerprint": e.host.fingerprint, "layer": str(e.layer),
-            "hook": e.host.hook_name(e.layer), "sae_hash": e.sae.content_hash, "sae_k": str(e.sae.cfg.k),
-            "window": str(e.window), "device": str(e.device), "backend": e.runtime.backend,
-            "precision": e.runtime.precision,
-            "topk_kernel": str(e.device.type == "cpu" and e.sae.is_topk and topk.kernel_enabled())}
+            "hook": e.host.hook_name(e.layer), "sae_hash": sae.content_hash if sae else "none",
+            "sae_k": str(sae.cfg.k) if sae else "none", "window": str(e.window), "device": str(e.device),
+            "backend": e.runtime.backend, "precision": e.runtime.precision,
+            "topk_kernel": str(e.device.type == "cpu" and sae is not None and sae.is_topk and topk.kernel_enabled())}

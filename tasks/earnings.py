@@ -9,9 +9,7 @@ regression of the surprise itself is reported with Spearman correlation and MAE.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-import warnings
 
 import matplotlib
 
@@ -20,86 +18,41 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from omegaconf import DictConfig
 from sklearn.metrics import roc_curve
 
-from saefeat.data import DataError, check_texts, read_table
+from saefeat import earnings
+from saefeat.config import baseline_config, embed_config
+from saefeat.data import check_texts
 from saefeat.evaluation.comparison import TaskRun
 from saefeat.evaluation.metrics import classification_report, regression_report
-from saefeat.evaluation.model_selection import classifier_search, feature_importance, regressor
-from saefeat.evaluation.splits import GroupedTimeSeriesSplit, random_split, temporal_split
+from saefeat.evaluation.model_selection import feature_importance, fit_search, regressor
 from saefeat.explain.report import log_latent_report
-from saefeat.representations import representation_from_config
+from saefeat.representations import make_representation
 
 logger = logging.getLogger(__name__)
 
 
 def load_calls(cfg: DictConfig) -> pd.DataFrame:
-    """Read and validate the calls; every problem is reported with its rows before any embedding work."""
+    """Read and validate the calls of `data.path` (`saefeat.earnings.load_calls`)."""
     d = cfg.data
-    path = str(d.path)
-    cols = [d.text_field, d.label_field, d.date_field] + [c for c in (d.group_field, d.target_field) if c]
-    df = read_table(path, cols).reset_index(drop=True)
-    problems = []
-
-    def rows(mask) -> str:
-        bad = np.flatnonzero(np.asarray(mask))
-        return ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-
-    label = pd.to_numeric(df[d.label_field], errors="coerce")
-    if label.isna().any():
-        problems.append(f"field {d.label_field!r} is missing or not numeric in rows {rows(label.isna())}")
-    elif not label.isin([0, 1]).all():
-        problems.append(f"field {d.label_field!r} must be 0/1; rows {rows(~label.isin([0, 1]))} are not")
-    dates = pd.to_datetime(df[d.date_field], errors="coerce")
-    if dates.isna().any():
-        problems.append(f"field {d.date_field!r} is missing or not a date in rows {rows(dates.isna())}")
-    text = df[d.text_field]
-    empty = text.map(lambda t: not isinstance(t, str) or not t.strip())
-    if empty.any():
-        problems.append(f"field {d.text_field!r} is empty, whitespace or not text in rows {rows(empty)}")
-    if d.target_field:
-        target = pd.to_numeric(df[d.target_field], errors="coerce")
-        if target.isna().any():
-            problems.append(f"field {d.target_field!r} is missing or not numeric in rows {rows(target.isna())}")
-        df[d.target_field] = target
-    if problems:
-        raise DataError(f"{path}: " + "; ".join(problems))
-    df[d.label_field] = label.astype(int)
-    df[d.date_field] = dates
-    return df
+    return earnings.load_calls(str(d.path), d.text_field, d.label_field, d.date_field, d.group_field,
+                               d.target_field)
 
 
 def split_calls(df: pd.DataFrame, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The train/test rows of the configured `split` (`saefeat.earnings.split_calls`)."""
     d, s = cfg.data, cfg.split
-    y = df[d.label_field].to_numpy()
-    if s.kind == "temporal":
-        groups = df[d.group_field] if d.group_field else None
-        train, test = temporal_split(df[d.date_field], groups, s.test_per_group if groups is not None else None,
-                                     float(s.test_fraction))
-    elif s.kind == "random":
-        train, test = random_split(len(df), float(s.test_fraction), int(cfg.seed), y)
-    else:
-        raise ValueError(f"split.kind must be 'temporal' or 'random', got {s.kind!r}")
-    for name, idx in (("training", train), ("test", test)):
-        if len(np.unique(y[idx])) < 2:
-            raise DataError(f"{cfg.data.path}: the {name} split holds one class only "
-                            f"({d.label_field}={y[idx][0]}, rows {idx[:10].tolist()}...); change split.*")
-    return train, test
+    return earnings.split_calls(df, d.label_field, d.date_field, d.group_field, str(s.kind), s.test_per_group,
+                                float(s.test_fraction), int(cfg.seed), str(d.path))
 
 
 def fit_and_score(X_train, y_train, dates_train, X_test, y_test, cfg: DictConfig, log_transform: bool):
     """Tune selection + classifier by grouped time-series CV on the training calls, score the test calls."""
-    with tempfile.TemporaryDirectory(prefix="saefeat-fits-") as memory:
-        search = classifier_search(X_train.shape[1], sp.issparse(X_train), list(cfg.classifiers),
-                                   list(cfg.selection.methods), list(cfg.selection.k_grid),
-                                   cv=GroupedTimeSeriesSplit(int(cfg.cv.n_splits)), seed=int(cfg.seed),
-                                   log_transform=log_transform, memory=memory, n_jobs=cfg.n_jobs)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="k=.*is greater than n_features")
-            search.fit(X_train, y_train, groups=dates_train)
-        search.best_estimator_.set_params(memory=None)
+    search = fit_search(X_train, y_train, dates_train, classifiers=list(cfg.classifiers),
+                        selection=list(cfg.selection.methods), k_grid=list(cfg.selection.k_grid),
+                        n_splits=int(cfg.cv.n_splits), seed=int(cfg.seed), log_transform=log_transform,
+                        n_jobs=cfg.n_jobs)
     scores = search.predict_proba(X_test)[:, 1]
     report = classification_report(y_test, scores, search.predict(X_test), n_boot=int(cfg.bootstrap),
                                    seed=int(cfg.seed))
@@ -136,8 +89,8 @@ def run(cfg: DictConfig) -> dict:
         mlflow.log_params({"n_train": len(train), "n_test": len(test),
                            "test_beat_rate": float(y[test].mean()), "train_beat_rate": float(y[train].mean())})
         for name in cfg.representations:
-            rep = representation_from_config(name, cfg)
-            with task.representation(name, {"representation": name}) as metrics:
+            rep = make_representation(name, embed_config(cfg), baseline_config(cfg))
+            with task.child(name, {"representation": name}) as metrics:
                 t_rep = time.time()
                 X_train = rep.fit_transform(train_texts)
                 X_test = rep.transform(test_texts)

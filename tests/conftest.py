@@ -29,14 +29,14 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm():
-    from saefeat.embed.embedder import get_host
+    from saefeat.hosts import get_host
 
     return get_host("minilm", "cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from saefeat.embed.embedder import get_host
+    from saefeat.hosts import get_host
 
     return get_host("smollm2", "cpu")
 

@@ -4,10 +4,10 @@ from itertools import islice
 
 import pytest
 
+from saefeat.commands.train_sae import train_config
 from saefeat.config import load_config
 from saefeat.sae.formats import default_sae_path, load_sae
 from saefeat.sae.metrics import ce_recovered, reconstruction_metrics
-from saefeat.sae.training_run import train_config
 
 BARS = {"explained_variance": 0.75, "dead_fraction": 0.05, "ce_loss_recovered": 0.80}
 

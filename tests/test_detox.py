@@ -184,8 +184,8 @@ def test_rank_toxic_latents_prefers_specific_latents():
 @pytest.mark.parametrize("representation", ["sae", "tfidf"])
 def test_filter_round_trips_through_save_and_load(representation, comments, tmp_path):
     texts, y = comments
-    params = {"model": "minilm", "sae": str(random_sae(tmp_path / "sae")), "max_tokens": 64,
-              "show_progress_bar": False}
+    params = {"embed": {"model": "minilm", "sae": str(random_sae(tmp_path / "sae")), "max_tokens": 64,
+                        "show_progress_bar": False}}
     filt = ToxicityFilter(representation, params if representation == "sae" else None, target="recall",
                           target_value=0.7)
     filt.fit(texts[::2], y[::2], texts[1::2], y[1::2])
@@ -229,3 +229,31 @@ def test_evaluate_conditions_scores_tiers_and_bans_words(smollm2, smollm2_sae, p
     assert single & {t for c in plain.continuation_ids for t in c}
     assert not single & {t for c in gens["banned"].continuation_ids for t in c}
     assert len(scores["clamp"]["tfidf"]) == len(prompts)
+
+
+def test_filters_and_steering_latents_honour_the_embed_section(tmp_path):
+    """The detox task's one config route: embed.precision, window and the baselines reach every filter and the
+    steering host's latent ranking (they used to be dropped)."""
+    from saefeat.config import baseline_config, embed_config, load_config
+    from saefeat.detox.filter import representation_settings
+    from saefeat.detox.latents import find_toxic_latents
+
+    cfg = load_config("tasks", ["task=detox", "embed.precision=fp32", "embed.window=96", "embed.max_tokens=64",
+                                "baselines.tfidf_max_features=50", f"embed.cache_dir={tmp_path}"])
+    texts = ["you are a stupid idiot", "have a lovely day", "shut up you moron", "thanks for the kind help"] * 3
+    y = np.array([1, 0, 1, 0] * 3)
+    settings = representation_settings(embed_config(cfg), baseline_config(cfg))
+    for name in ("sae", "dense", "sentence", "tfidf"):
+        rep = ToxicityFilter(name, settings, target="recall", target_value=0.5).fit(texts, y).representation_
+        if name in ("sae", "dense"):
+            assert rep.embedder.runtime.precision == "fp32" and rep.embedder.window == 96
+            assert rep.embedder.max_tokens == 64
+        elif name == "sentence":
+            assert rep.precision == "fp32"
+        else:
+            assert rep.max_features == 50
+    s = cfg.steering
+    steer = embed_config(cfg, model=str(s.model), sae=str(s.sae), layer=s.layer, max_tokens=int(s.latent_max_tokens))
+    _, probe = find_toxic_latents(texts, y, steer, n=3)
+    emb = probe.representation_.embedder
+    assert emb.runtime.precision == "fp32" and emb.window == 96 and emb.host.is_causal

@@ -102,7 +102,7 @@ def test_feature_selection_never_sees_test_rows(monkeypatch):
 def test_bad_rows_are_named_before_embedding(calls, tmp_path, monkeypatch):
     import saefeat.tasks.earnings as task
 
-    monkeypatch.setattr(task, "representation_from_config", lambda *a: pytest.fail("embedding started"))
+    monkeypatch.setattr(task, "make_representation", lambda *a: pytest.fail("embedding started"))
     bad = calls.copy()
     bad.loc[3, "surprise_label"] = None
     bad.loc[5, "text"] = "   "

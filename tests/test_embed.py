@@ -3,12 +3,14 @@ import pickle
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.base import clone
 from sklearn.feature_selection import SelectKBest, chi2
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from saefeat.data import DataError
+from saefeat.embed.config import EmbedConfig
 from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.pooling import SPARSE_POOLINGS, TokenStats, pool
 from saefeat.embed.storage import load_sparse
@@ -40,14 +42,56 @@ def test_windows_own_every_token_once(causal):
 
 @pytest.mark.parametrize("pooling", SPARSE_POOLINGS)
 def test_window_pooling_is_exact(sae_path, pooling):
-    emb = SAEEmbedder("minilm", sae=sae_path, window=48, overlap=12, k=20, cache_dir=False)
+    emb = SAEEmbedder("minilm", sae=sae_path, window=48, overlap=12, pool_k=20, cache_dir=False)
     tokens = emb.encode_tokens(LONG)
     assert len(tokens.tokens) > 3 * 48  # really several windows
     acts = tokens.acts
     direct = TokenStats(np.array([acts.shape[0]]), sp.csr_matrix(acts.sum(0)), sp.csr_matrix(acts.max(0)),
-                        sp.csr_matrix((acts > 0).sum(0).astype(np.float32)))
+                        sp.csr_matrix((acts > 0).sum(0).astype(np.float32)), sp.csr_matrix(acts.log1p().sum(0)))
     np.testing.assert_allclose(_dense(emb.encode([LONG], pooling=pooling)), _dense(pool(direct, pooling, k=20)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_log1p_topk_is_exact_and_cached(sae_path, tmp_path):
+    """log1p_topk = per latent the sum over tokens of log(1 + a), its 20 largest kept; windowed, batched and read
+    back from the cache it equals that computed from the per-token activations directly."""
+    emb = SAEEmbedder("minilm", sae=sae_path, window=48, overlap=12, pool_k=20, cache_dir=tmp_path / "c",
+                      precision="fp32")  # in bf16 a row can differ in the last digits with its batch
+    for i, doc in enumerate(DOCS):
+        acts = emb.encode_tokens(doc).acts.toarray().astype(np.float64)
+        total = np.log1p(acts).sum(0)
+        keep = np.argsort(-total, kind="stable")[:20]
+        direct = np.zeros_like(total)
+        direct[keep] = total[keep]
+        for _ in range(2):  # computed, then from the cache
+            pooled = emb.encode(DOCS, pooling="log1p_topk")[i].toarray()[0]
+            assert (pooled > 0).sum() == min(20, (total > 0).sum())
+            np.testing.assert_allclose(pooled, direct, rtol=1e-5, atol=1e-5)
+    stats = emb.encode_stats(DOCS[:2])
+    assert stats.log1p_sum is not None and (stats.log1p_sum != stats.sum).nnz  # log(1+a) < a: not the sum
+    assert (stats.log1p_sum.data <= stats.sum.data + 1e-6).all()
+
+
+def test_sae_shards_of_an_older_stats_version_are_not_read(sae_path, tmp_path, monkeypatch):
+    """Shards written before log1p_sum existed (stats version 1: no version in the key) are never found, so the
+    documents are encoded again rather than pooled from statistics that lack it."""
+    import dataclasses
+
+    import saefeat.embed.cache as cache
+
+    root = tmp_path / "c"
+    stats = SAEEmbedder("minilm", sae=sae_path, cache_dir=False, precision="fp32").encode_stats(DOCS)
+    with monkeypatch.context() as m:  # a writer of version 1
+        m.setattr(cache, "STATS_VERSIONS", {})
+        emb = SAEEmbedder("minilm", sae=sae_path, cache_dir=root, precision="fp32")
+        cache.StatsCache(root, emb.settings("sae")).put([cache.doc_hash(d) for d in DOCS],
+                                                        dataclasses.replace(stats, log1p_sum=None))
+    fresh = SAEEmbedder("minilm", sae=sae_path, cache_dir=root, pool_k=20, precision="fp32")
+    assert len(fresh._cache("sae")) == 0
+    np.testing.assert_allclose(fresh.encode(DOCS, pooling="log1p_topk").toarray(),
+                               pool(stats, "log1p_topk", 20).toarray(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="log1p_sum"):
+        pool(dataclasses.replace(stats, log1p_sum=None), "log1p_topk")
 
 
 def test_dense_window_pooling_is_exact(sae_path):
@@ -117,7 +161,7 @@ def test_changed_settings_miss_the_cache(sae_path, tmp_path):
     for kwargs in ({"window": 40}, {"overlap": 8}, {"max_tokens": 20}, {"sae_k": 4}):
         b = SAEEmbedder("minilm", sae=sae_path, cache_dir=cache, **kwargs)
         assert len(b._cache("sae")) == 0, kwargs
-    with pytest.raises(ValueError, match="trained on layer 3"):
+    with pytest.raises(ValueError, match="trained at .* layer 3, but layer 2"):
         SAEEmbedder("minilm", sae=sae_path, layer=2)
     other = random_sae(tmp_path / "other", seed=1)
     assert len(SAEEmbedder("minilm", sae=other, cache_dir=cache)._cache("sae")) == 0
@@ -137,7 +181,7 @@ def test_bad_documents_name_the_row(sae_path):
 
 
 def test_vectorizer_in_pipeline_clones_and_pickles(sae_path):
-    vec = SAEVectorizer(sae=str(sae_path), pooling="max", cache_dir=False)
+    vec = SAEVectorizer(EmbedConfig(sae=str(sae_path), pooling="max", cache=False))
     texts = ["great results and strong growth", "weak demand hurt sales", "record revenue", "losses widened"] * 3
     y = [1, 0, 1, 0] * 3
     pipe = Pipeline([("sae", vec), ("select", SelectKBest(chi2, k=20)), ("clf", LogisticRegression())])
@@ -160,7 +204,7 @@ def test_embed_cli_writes_npz_and_ids(sae_path, tmp_path):
     src.write_text('{"id": "a", "body": "first doc"}\n{"id": "b", "body": "second document here"}\n')
     out = tmp_path / "emb.npz"
     res = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=body", "id_field=id", f"output={out}",
-                                   f"sae.path={sae_path}"])
+                                   f"sae={sae_path}"])
     assert res.exit_code == 0, res.output
     X = load_sparse(out)
     assert X.shape == (2, 512)
@@ -169,7 +213,7 @@ def test_embed_cli_writes_npz_and_ids(sae_path, tmp_path):
     np.testing.assert_allclose(X.toarray(), direct.toarray(), rtol=1e-3)  # values within float16 rounding
     exact = tmp_path / "exact.npz"
     res = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=body", f"output={exact}", "value_dtype=float32",
-                                   f"sae.path={sae_path}"])
+                                   f"sae={sae_path}"])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(load_sparse(exact).toarray(), direct.toarray())
     assert exact.stat().st_size > out.stat().st_size
@@ -185,3 +229,60 @@ def test_one_pass_fills_sae_and_dense_caches(sae_path, tmp_path, monkeypatch):
     cached = emb.encode_dense(DOCS)
     fresh = SAEEmbedder("minilm", sae=sae_path, cache_dir=False).encode_dense(DOCS)
     np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_and_api_give_the_same_embeddings_on_real_text(data_dir, tmp_path):
+    """One config route: `saefeat embed` and `SAEEmbedder("minilm").encode` read the same windows of the same
+    abstracts (the SAE's 256-token training window), so their rows are identical."""
+    import gzip
+    import json
+
+    from typer.testing import CliRunner
+
+    from saefeat.cli import app
+
+    with gzip.open(data_dir / "retrieval/scifact/corpus.jsonl.gz", "rt") as fh:
+        rows = [json.loads(line) for _, line in zip(range(40), fh)]
+    src = tmp_path / "abstracts.jsonl"
+    src.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    out = tmp_path / "cli.npz"
+    res = CliRunner().invoke(app, ["embed", f"input={src}", f"output={out}", "value_dtype=float32",
+                                   f"embed.cache_dir={tmp_path / 'cache'}", "embed.precision=fp32"])
+    assert res.exit_code == 0, res.output
+    api = SAEEmbedder("minilm", cache_dir=False, precision="fp32")
+    assert api.window == 256  # the shipped SAE's training window, not the host's 254
+    direct = api.encode([r["text"] for r in rows])
+    assert max(len(api.host.tokenize([r["text"]])[0]) for r in rows) > 256  # some abstracts need two windows
+    np.testing.assert_array_equal(load_sparse(out).toarray(), direct.toarray())
+
+
+def test_two_in_memory_saes_get_two_embedders(sae_path):
+    from saefeat.embed.vectorizers import get_embedder
+    from saefeat.sae.formats import load_sae
+
+    a, b = load_sae(sae_path), load_sae(sae_path)
+    with torch.no_grad():
+        b.W_enc.mul_(-1.0)  # same config, other weights
+    config = EmbedConfig(cache=False, precision="fp32")
+    ea, eb = get_embedder(config, sae=a), get_embedder(config, sae=b)
+    assert ea is not eb and ea.sae is a and eb.sae is b
+    assert get_embedder(config, sae=a) is ea  # shared while the weights are the same
+    assert (ea.encode(DOCS) != eb.encode(DOCS)).nnz > 0
+
+
+def test_dense_baseline_for_a_host_without_an_sae():
+    from saefeat.hosts import get_host, resolve_host_path
+    from saefeat.representations import make_representation
+
+    folder, _ = resolve_host_path("minilm")  # the model as a plain folder: no SAE ships for it
+    with pytest.raises(FileNotFoundError, match="no default SAE ships"):
+        make_representation("dense", EmbedConfig(model=folder, cache=False)).transform(DOCS)
+    dense = make_representation("dense", EmbedConfig(model=folder, sae=None, cache=False, precision="fp32"))
+    X = dense.transform(DOCS)
+    host = get_host(folder)
+    assert dense.embedder.layer == host.n_layers - 1 and X.shape == (len(DOCS), host.d_model)
+    batch = host.batch(host.tokenize(DOCS[1:2]))  # a short one: a single window
+    h = host.residual(batch.input_ids, batch.attention_mask, host.n_layers - 1, "fp32")[batch.content]
+    np.testing.assert_allclose(X[1], h.mean(0).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no SAE"):
+        make_representation("sae", EmbedConfig(model=folder, sae=None, cache=False)).transform(DOCS)

@@ -17,12 +17,13 @@ import torch
 from typer.testing import CliRunner
 
 from saefeat.cli import app
-from saefeat.embed.embedder import SAEEmbedder, get_host
+from saefeat.embed.embedder import SAEEmbedder
 from saefeat.explain.build import build_cards
 from saefeat.explain.corpus import default_corpus
 from saefeat.explain.llm import OpenAICompatible, detection_prompt, label_store
 from saefeat.explain.report import log_latent_report
 from saefeat.explain.store import LatentStore
+from saefeat.hosts import get_host
 from saefeat.sae import SAE, SAEConfig, save_sae
 from tests.helpers import random_sae
 
@@ -290,3 +291,27 @@ def _check_html(page: str) -> list[tuple[str, str]]:
     checker.close()
     assert checker.doctype and not checker.stack and checker.marks
     return [tuple(m) for m in checker.marks]
+
+
+def test_store_labels_and_firing_counts_agree_with_the_cards(corpus, tmp_path):
+    from saefeat.explain.cards import LLM_LABEL_MIN_SCORE
+    from saefeat.tabular.concepts import store_labels
+
+    texts, sources = corpus[0][:6], corpus[1][:6]
+    emb, store = _build(random_sae(tmp_path / "sae", d_sae=64, k=8), texts, sources, store_dir=tmp_path / "latents")
+    cards = store.cards(list(range(64)), n_top=0, n_weak=0)
+    counts = store.firing_counts()
+    assert counts.dtype == np.int64 and counts.tolist() == [c.n_fire for c in cards]
+    assert 0 < counts.sum() <= 8 * store.n_tokens  # a TopK SAE with k=8 fires at most 8 latents per token
+    labelled = [c.latent for c in cards if c.label]
+    good, weak = labelled[0], labelled[1]
+    store.set_llm_label(good, "a confident label", LLM_LABEL_MIN_SCORE + 0.1)
+    store.set_llm_label(weak, "a label at chance", LLM_LABEL_MIN_SCORE - 0.3)
+    labels = store.labels()
+    assert labels == {c.latent: c.best_label for c in store.cards(list(range(64)), n_top=0, n_weak=0)
+                      if c.best_label}
+    assert labels[good] == "a confident label" and labels[weak] == cards[weak].label
+    assert store_labels(emb.sae.content_hash, str(tmp_path / "latents")) == labels
+    assert store_labels(emb.sae.content_hash, str(tmp_path / "elsewhere")) is None
+    missing = LatentStore(tmp_path / "none.sqlite")
+    assert missing.labels() == {} and missing.firing_counts().size == 0 and not missing.exists

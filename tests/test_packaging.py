@@ -82,7 +82,7 @@ def test_installed_copy_embeds_from_another_folder(installed, tmp_path):
     _, site = installed
     work = tmp_path / "elsewhere"
     (work / "configs").mkdir(parents=True)
-    (work / "configs" / "base.yaml").write_text("model: not-a-model\nsae:\n  path: /nowhere\n")
+    (work / "configs" / "base.yaml").write_text("embed:\n  model: not-a-model\n  sae: /nowhere\n")
     docs = ["Revenue grew twelve percent.", "Margins fell in the quarter.", "Guidance was raised."]
     (work / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     env = {k: v for k, v in os.environ.items() if k != "SAEFEAT_CONFIGS"}
@@ -111,15 +111,15 @@ def test_installed_copy_embeds_from_another_folder(installed, tmp_path):
 def test_configs_come_from_the_package_not_the_working_directory(tmp_path, monkeypatch):
     """conftest runs every test in its own tmp_path; a ./configs there is never read."""
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "base.yaml").write_text("model: not-a-model\n")
+    (tmp_path / "configs" / "base.yaml").write_text("embed:\n  model: not-a-model\n")
     assert Path(str(configs_dir())).resolve() == (REPO / "configs").resolve()  # the editable install maps it here
-    assert load_config("embed", ["input=a", "output=b.npz"]).model.path == "minilm"
+    assert load_config("embed", ["input=a", "output=b.npz"]).embed.model == "minilm"
 
     own = tmp_path / "mine"
     shutil.copytree(REPO / "configs", own, ignore=_NOT_SOURCE)
-    (own / "models" / "minilm.yaml").write_text("path: minilm\nlayer: 3\nwindow: 64\n")
+    (own / "models" / "minilm.yaml").write_text("embed:\n  model: minilm\n  window: 64\n")
     monkeypatch.setenv("SAEFEAT_CONFIGS", str(own))
-    assert load_config("embed", ["input=a", "output=b.npz"]).model.window == 64
+    assert load_config("embed", ["input=a", "output=b.npz", "model=minilm"]).embed.window == 64
     monkeypatch.setenv("SAEFEAT_CONFIGS", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="SAEFEAT_CONFIGS=.*missing is not a configs folder"):
         load_config("embed", ["input=a", "output=b.npz"])

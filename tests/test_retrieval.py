@@ -221,3 +221,40 @@ def test_task_logs_a_comparison_with_the_sae_latents(cache_dir, data_dir):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sae_run.run_id)}
     assert "top_latents.json" in artifacts
     assert any(a.endswith(".html") for a in artifacts)
+
+
+def test_every_retriever_answers_text_queries_through_one_interface(index, corpus):
+    from saefeat.retrieval.retrievers import RETRIEVERS, Retriever, latent_contributions, make_retriever
+
+    ids, texts = corpus
+    rows = [3, 20, 90]
+    queries = [t[t.find(" ", 100):t.find(" ", 250)] for t in (texts[r] for r in rows)]  # a span from inside
+    ranked = {}
+    for kind in RETRIEVERS:
+        retriever = make_retriever(kind, index, show_progress_bar=False)
+        assert isinstance(retriever, Retriever)
+        got, scores = retriever.search(queries, 5)
+        assert len(got) == len(scores) == len(queries)
+        for r, s in zip(got, scores):
+            assert len(r) == len(s) == 5 and np.all(np.diff(np.asarray(s, float)) <= 1e-6)  # best first
+        assert sum(ids[int(r[0])] == ids[q] for r, q in zip(got, rows)) >= 2, kind  # the source ranks first
+        ranked[kind] = (got, scores)
+    # the index's own modes and its dense side ("dense") rank exactly as `index.search` does
+    for kind, mode in (("sae", "sae"), ("hybrid", "hybrid"), ("dense", "dense")):
+        for (r, s), hits in zip(zip(*ranked[kind]), index.search(queries, k=5, mode=mode, explain=0)):
+            assert [ids[int(i)] for i in r] == [h.doc_id for h in hits]
+            np.testing.assert_allclose(s, [h.score for h in hits], rtol=1e-5, atol=1e-6)
+    # explanations: the shares of the latents add up to the SAE score, largest first
+    sae = make_retriever("sae", index)
+    got, scores = sae.search(queries[:1], 5)
+    top, score = int(got[0][0]), float(scores[0][0])
+    shares = sae.explain(queries[0], top)
+    assert [c for _, c in shares] == sorted((c for _, c in shares), reverse=True)
+    assert sum(c for _, c in shares) == pytest.approx(score, rel=1e-4)
+    assert sae.explain(queries[0], top, n=2) == shares[:2]
+    assert shares == index.hit_latents(top, index.encode(queries[:1])[0])
+    imp = latent_contributions(sae, queries[:1], [np.array([top])], ["q0"], {"q0": {ids[top]: 1}})
+    assert imp.to_dict() == pytest.approx(dict(shares))
+    assert latent_contributions(sae, queries[:1], [np.array([top])], ["q0"], {"q0": {}}).empty
+    with pytest.raises(ValueError, match="unknown retriever"):
+        make_retriever("fancy", index)

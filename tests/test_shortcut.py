@@ -306,3 +306,56 @@ def test_task_rejects_bad_config(data_dir):
         run(load_config("tasks", ["task=shortcut", "methods=[erm,magic]"]))
     with pytest.raises(ValueError, match="representations from"):
         run(load_config("tasks", ["task=shortcut", "representations=[tfidf]"]))
+
+
+# ---- the DBR experiment: choosing L2 and λ -----------------------------------------------------------------
+
+def test_select_and_fit_chooses_on_in_domain_data_and_refits_on_all_rows(data_dir, planted):
+    from types import SimpleNamespace
+
+    from saefeat.shortcut.experiment import HeadTrainer, evaluate, select_and_fit
+    from saefeat.shortcut.selection import stratified_slice
+
+    bench = load_benchmark("cad_sentiment", data_dir).sample(40, 20, seed=0)
+    assert len(bench.train) <= 41 and len(bench.in_domain) <= 21 and len(bench.pairs) > 0
+    assert set(bench.pairs.original.texts) <= set(bench.train.texts)  # the pairs of the sampled originals only
+    texts, y = bench.parts()
+    assert list(texts) == list(y) == ["train", "in_domain", "ood:counterfactual"]
+    masked = {"dbr_x": [" ".join(t.split()[1:]) for t in texts["train"]]}
+
+    class Recording(HeadTrainer):  # records the training rows of every fit and every part predicted
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fits, self.parts = [], []
+
+        def fit(self, rows, *args):
+            self.fits.append(np.asarray(rows))
+            return super().fit(rows, *args)
+
+        def predict(self, model, part, rows=None):
+            self.parts.append(part)
+            return super().predict(model, part, rows)
+
+    trainer = Recording(SimpleNamespace(transform=planted["emb"].encode), texts, masked, [1e-4, 10.0], epochs=100)
+    held = stratified_slice(y["train"], 0.2, 0)
+    erm = select_and_fit(trainer, y, select_on="both", train_slice=0.2, seed=0)
+    assert set(trainer.parts) == {"in_domain", "train"}  # never the out-of-domain set
+    assert len(trainer.fits) == 3 and all(np.intersect1d(r, held).size == 0 for r in trainer.fits[:2])
+    assert len(trainer.fits[-1]) == len(y["train"])  # the choice is refitted on every training row
+    sel = erm.selection
+    assert sel.weight_decay.tolist() == [1e-4, 10.0] and erm.params["lambda"] == 0.0
+    assert erm.params["weight_decay"] == sel.weight_decay[sel.select_accuracy.idxmax()]
+    choice = (erm.params["weight_decay"], erm.params["select_accuracy"])
+    loose = select_and_fit(trainer, y, "dbr_x", choice, lambdas=[1.0, 100.0], tolerance=1.0)
+    assert loose.params["lambda"] == 100.0 and loose.params["weight_decay"] == choice[0]  # the largest within
+    strict = select_and_fit(trainer, y, "dbr_x", (choice[0], 2.0), lambdas=[1.0, 100.0], tolerance=0.0)
+    assert strict.params["lambda"] == strict.selection["lambda"][strict.selection.select_accuracy.idxmax()]
+    trainer.fits.clear()
+    select_and_fit(trainer, y, select_on="dev")
+    assert all(len(r) == len(y["train"]) for r in trainer.fits)  # nothing held out when dev data selects
+    with pytest.raises(ValueError, match="erm_choice"):
+        select_and_fit(trainer, y, "dbr_x")
+    report = evaluate(trainer, loose, y, ["counterfactual"], ["dbr_x"], n_boot=20)
+    assert report["in_domain_accuracy"] == np.mean(trainer.predict(loose.model, "in_domain") == y["in_domain"])
+    assert report["gap"] == pytest.approx(report["in_domain_accuracy"] - report["ood_accuracy"])
+    assert 0 <= report["reliance_x"] <= np.log(2) + 1e-6 and report["lambda"] == 100.0

@@ -79,7 +79,7 @@ def real_pre_acts(data_dir):
     docs = _scifact(data_dir, 3)
     emb = SAEEmbedder("minilm", cache_dir=False, precision="bf16")
     with emb._cast_once(), torch.no_grad():
-        xs = [x for _, _, x in emb._token_batches(emb._token_ids(docs), 32)]
+        xs = [x for _, _, x in emb.reader.batches(emb.reader.token_ids(docs), 32)]
         pre = emb.sae.pre_acts(torch.cat(xs))
     assert pre.dtype == torch.bfloat16 and pre.shape[1] == 4096 and len(pre) >= 1000
     return pre, emb.sae.k

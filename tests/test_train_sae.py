@@ -10,7 +10,7 @@ from saefeat.sae import load_sae
 def test_train_sae_end_to_end_on_a_tiny_budget(data_dir, tmp_path, model, layer):
     out = tmp_path / "sae"
     res = CliRunner().invoke(app, [
-        "train-sae", f"model={model}", f"layer={layer}", "sae.d_sae=256", "sae.k=8", f"output={out}",
+        "train-sae", f"model={model}", f"layer={layer}", "d_sae=256", "k=8", f"output={out}",
         f"data_dir={data_dir}", "train.total_tokens=16384", "train.batch_size=1024", "train.buffer_tokens=8192",
         "train.eval_windows=8", "train.seq_len=64", "train.batch_windows=16", "train.warmup_steps=2",
     ])
@@ -23,4 +23,17 @@ def test_train_sae_end_to_end_on_a_tiny_budget(data_dir, tmp_path, model, layer)
     for m in ("explained_variance", "l0", "dead_fraction", "train_fvu"):
         assert f"metrics.{m}" in runs.columns
     assert runs["metrics.l0"][0] == pytest.approx(8, abs=0.5)
-    assert runs["params.sae.d_sae"][0] == "256" and runs["tags.saefeat.git_commit"][0]
+    assert runs["params.d_sae"][0] == "256" and runs["tags.saefeat.git_commit"][0]
+
+
+def test_train_sae_never_writes_into_the_package_or_over_a_user_folder(tmp_path):
+    from saefeat.sae.formats import DEFAULTS_DIR
+
+    res = CliRunner().invoke(app, ["train-sae", f"output={DEFAULTS_DIR / 'minilm'}"])
+    assert res.exit_code == 2 and "inside the installed package" in res.output
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(app, ["train-sae", f"output={mine}"])
+    assert res.exit_code == 2 and "not an SAE folder saefeat wrote" in res.output
+    assert (mine / "notes.txt").read_text() == "keep me"

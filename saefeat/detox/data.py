@@ -1,14 +1,18 @@
-"""Reading the toxicity data: Jigsaw comments, RealToxicityPrompts prompts, held-out corpus paragraphs."""
+"""The toxicity data: Jigsaw comments (and their splits), RealToxicityPrompts prompts, held-out corpus paragraphs."""
 
 from __future__ import annotations
 
 import gzip
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
 from saefeat.data import DataError, check_texts, iter_jsonl, read_table
+
+T = TypeVar("T")
 
 
 def load_labelled_comments(path: str | Path, text_field: str = "comment_text",
@@ -52,6 +56,39 @@ def natural_rate_subsample(y: np.ndarray, rate: float, seed: int = 0) -> np.ndar
         n_pos = len(pos)
     keep = np.random.default_rng(seed).choice(pos, n_pos, replace=False)
     return np.sort(np.concatenate([neg, keep]))
+
+
+def split_comments(y: np.ndarray, calib_fraction: float, val_fraction: float, toxic_rate: float, seed: int = 0,
+                   source: str = "the comments") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified train / calibration / validation rows; validation subsampled to the natural `toxic_rate`.
+
+    Raises a DataError naming `source` when a split holds one class only.
+    """
+    idx = np.arange(len(y))
+    rest, val = train_test_split(idx, test_size=float(val_fraction), random_state=seed, stratify=y)
+    calib_share = float(calib_fraction) / (1 - float(val_fraction))
+    train, calib = train_test_split(rest, test_size=calib_share, random_state=seed, stratify=y[rest])
+    val = val[natural_rate_subsample(y[val], float(toxic_rate), seed)]
+    for name, rows in (("training", train), ("calibration", calib), ("validation", val)):
+        if len(np.unique(y[rows])) < 2:
+            raise DataError(f"{source}: the {name} split holds one class only; use more comments")
+    return np.sort(train), np.sort(calib), val
+
+
+def stratified_cap(texts: list[T], y: np.ndarray, n: int | None, seed: int = 0) -> tuple[list[T], np.ndarray]:
+    """At most `n` of the labelled texts (or any items: row ids), a stratified sample in their original order (all
+    when n is None); the same `y`, `n` and `seed` pick the same rows whatever the items are."""
+    if n is None or n >= len(texts):
+        return texts, y
+    keep, _ = train_test_split(np.arange(len(texts)), train_size=int(n), random_state=seed, stratify=y)
+    keep = np.sort(keep)
+    return [texts[i] for i in keep], y[keep]
+
+
+def sample_prompts(prompts: list[str], n: int, seed: int = 0) -> list[str]:
+    """A seeded sample of at most `n` prompts, in their original order."""
+    rng = np.random.default_rng(seed)
+    return [prompts[i] for i in sorted(rng.choice(len(prompts), min(int(n), len(prompts)), replace=False))]
 
 
 def corpus_paragraphs(path: str | Path, n: int, min_chars: int = 400, max_chars: int = 1500,

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 
 import saefeat
 from saefeat.data import check_texts
+from saefeat.embed.config import BaselineConfig, EmbedConfig
+from saefeat.errors import SaefeatError
 from saefeat.representations import REPRESENTATIONS, make_representation
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,8 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
 
     Args:
         representation: the feature space (see `saefeat.make_representation`).
-        representation_params: its settings (model, sae, layer, pooling, max_tokens, batch_size, ...).
+        representation_params: its settings, JSON-able: {"embed": EmbedConfig fields, "baselines":
+            BaselineConfig fields}, either part optional (see `representation_settings`).
         C, max_iter: of the logistic regression (features are max-abs scaled if sparse, else standardised).
         target, target_value: the threshold is chosen on calibration data for this precision or recall.
         prior: toxic base rate at which precision is computed (default: the calibration data's own rate).
@@ -118,7 +122,7 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         texts, y = self._check_xy(texts, labels, "training data")
         if calib_texts is not None:
             calib_texts, calib_y = self._check_xy(calib_texts, calib_labels, "calibration data")
-        self.representation_ = make_representation(self.representation, **(self.representation_params or {}))
+        self.representation_ = make_representation(self.representation, *_settings(self.representation_params))
         X = self.representation_.fit_transform(texts)
         scaler = MaxAbsScaler() if sp.issparse(X) else StandardScaler()
         Xs = scaler.fit_transform(X)
@@ -198,7 +202,7 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
             idf = npz["idf"] if "idf" in npz.files else None
         self.intercept_, self.threshold_ = float(settings["intercept"]), float(settings["threshold"])
         self.classes_ = np.array([0, 1])
-        self.representation_ = make_representation(self.representation, **(self.representation_params or {}))
+        self.representation_ = make_representation(self.representation, *_settings(self.representation_params))
         if self.representation == "tfidf":
             self.representation_.vocabulary_ = json.loads((folder / VOCAB_FILE).read_text())
             self.representation_.idf_ = idf
@@ -276,6 +280,19 @@ class ToxicityFilterModel(mlflow.pyfunc.PythonModel):
             texts = list(model_input)
         p = self.filter.predict_proba(texts)[:, 1]
         return pd.DataFrame({"toxicity": p, "toxic": (p >= self.filter.threshold_).astype(np.int64)})
+
+
+def representation_settings(embed: EmbedConfig, baselines: BaselineConfig | None = None) -> dict[str, Any]:
+    """`representation_params` of a filter from the typed settings (JSON-able, so saved models can rebuild it)."""
+    return {"embed": embed.to_dict(), "baselines": asdict(baselines or BaselineConfig())}
+
+
+def _settings(params: dict[str, Any] | None) -> tuple[EmbedConfig, BaselineConfig]:
+    params = params or {}
+    unknown = sorted(set(params) - {"embed", "baselines"})
+    if unknown:
+        raise SaefeatError(f"representation_params takes 'embed' and 'baselines' sections, got {unknown}")
+    return EmbedConfig(**params.get("embed", {})), BaselineConfig(**params.get("baselines", {}))
 
 
 @contextlib.contextmanager

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-from saefeat.detox.filter import ToxicityFilter
+from saefeat.detox.filter import ToxicityFilter, representation_settings
+from saefeat.embed.config import EmbedConfig
 
 SCORES = ("mean_diff", "freq_diff", "grad_x_act")
 
@@ -70,15 +70,11 @@ def rank_toxic_latents(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndar
     return cand.sort_values("score", ascending=False).head(n).reset_index(drop=True)
 
 
-def find_toxic_latents(texts: Sequence[str], labels: Sequence[int], model: str = "smollm2",
-                       sae: str = "default", n: int = 20, C: float = 1.0, max_freq_clean: float = 0.5,
-                       **embed: Any) -> tuple[pd.DataFrame, ToxicityFilter]:
-    """Rank the latents of `model`'s SAE on labelled texts: max-pooled features, a fitted linear probe for
-    gradient x activation, and `rank_toxic_latents`. Returns (ranking, the fitted probe).
-
-    `embed` goes to the SAE representation (layer, max_tokens, batch_size, device, cache_dir, ...).
-    """
-    probe = ToxicityFilter("sae", {"model": model, "sae": sae, "pooling": "max", **embed}, C=C)
+def find_toxic_latents(texts: Sequence[str], labels: Sequence[int], embed: EmbedConfig, n: int = 20,
+                       C: float = 1.0, max_freq_clean: float = 0.5) -> tuple[pd.DataFrame, ToxicityFilter]:
+    """Rank the latents of `embed`'s SAE on labelled texts: max-pooled features, a fitted linear probe for
+    gradient x activation, and `rank_toxic_latents`. Returns (ranking, the fitted probe)."""
+    probe = ToxicityFilter("sae", representation_settings(embed.replace(pooling="max")), C=C)
     probe.fit(texts, labels)
     ranking = rank_toxic_latents(probe.transform(list(texts)), np.asarray(labels), probe.coef_, n=n,
                                  max_freq_clean=max_freq_clean)

@@ -102,33 +102,8 @@ def steer(host: HostModel, intervention: Intervention | None, layer: int | None 
     host.check_layer(layer)
     if hasattr(intervention, "check"):
         intervention.check(host, layer)
-    special = torch.tensor(sorted(host.special_ids), dtype=torch.long, device=host.device)
-    state: dict[str, torch.Tensor | None] = {}
-
-    def note_tokens(_module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        state["content"] = None if ids is None else ~torch.isin(ids, special)
-
-    def forget_tokens(_module, _args, _kwargs, _output):
-        state.pop("content", None)
-
-    def edit(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        delta = intervention(hidden)
-        content = state.get("content")
-        if content is not None and content.shape == hidden.shape[:2]:
-            delta = delta * content.unsqueeze(-1).to(delta.dtype)
-        hidden = hidden + delta
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handles = [host.model.register_forward_pre_hook(note_tokens, with_kwargs=True)]
-    try:
-        handles.append(host.model.register_forward_hook(forget_tokens, with_kwargs=True, always_call=True))
-        handles.append(host.blocks[layer].register_forward_hook(edit))
+    with host.hook(layer, add=intervention):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def active_hooks(host: HostModel, layer: int) -> int:

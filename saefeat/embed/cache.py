@@ -1,7 +1,8 @@
 """Content-addressed on-disk cache of per-document token statistics.
 
 Layout: <root>/<settings hash>/settings.json and shard-*.npz files. The settings hash covers the
-host model, layer, SAE hash, windowing and precision; a document is found by the hash of its text.
+host model, layer, SAE hash, windowing and precision, and for kinds listed in `STATS_VERSIONS` the version
+of the statistics a shard holds; a document is found by the hash of its text.
 Each shard is written atomically (temporary file, then rename) as soon as its documents are done,
 so an interrupted encode keeps every finished shard and the next call resumes after them.
 """
@@ -21,7 +22,12 @@ import scipy.sparse as sp
 from saefeat.atomic import atomic_write
 from saefeat.embed.pooling import TokenStats
 
-_FIELDS = ("sum", "max", "count")
+_FIELDS = ("sum", "max", "count", "log1p_sum")
+
+# Version of the statistics a shard of a kind holds, hashed into that kind's key, so shards written before a
+# statistic was added sit under another key and are never read as if they held it. Bump on every change.
+# sae: 1 = n_tokens, sum, max, count (no version in the key); 2 = + log1p_sum.
+STATS_VERSIONS = {"sae": 2}
 
 
 def doc_hash(text: str) -> str:
@@ -40,6 +46,9 @@ class StatsCache:
     """Token statistics keyed by document hash, for one combination of settings."""
 
     def __init__(self, root: str | Path, settings: dict[str, Any]):
+        version = STATS_VERSIONS.get(settings.get("kind"))
+        if version is not None:
+            settings = {**settings, "stats_version": version}
         self.dir = Path(root) / settings_hash(settings)
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "settings.json"
@@ -102,5 +111,5 @@ def _read_shard(path: Path) -> TokenStats:
                                              shape=tuple(z[f"{name}.shape"]))
             elif name in z:
                 fields[name] = z[name]
-        return TokenStats(z["n_tokens"], fields["sum"], fields["max"], fields.get("count"))
+        return TokenStats(z["n_tokens"], fields["sum"], fields["max"], fields.get("count"), fields.get("log1p_sum"))
 

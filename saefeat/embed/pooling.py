@@ -1,7 +1,8 @@
 """Per-document token statistics and the poolings derived from them.
 
-Every pooling is a function of four statistics gathered over a document's tokens: the token
-count, and per feature the sum, the maximum and the number of tokens where it fires. They add up
+Every pooling is a function of statistics gathered over a document's tokens: the token count, and per
+feature the sum, the maximum and the number of tokens where it fires; SAE latents also keep the sum of
+log(1 + a) over tokens, which `log1p_topk` needs (it is no function of the other three). They add up
 exactly across windows, so a windowed long document pools exactly like its full token matrix.
 """
 
@@ -12,18 +13,20 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-SPARSE_POOLINGS = ("max", "mean", "sum", "count", "binary", "topk")
+SPARSE_POOLINGS = ("max", "mean", "sum", "count", "binary", "topk", "log1p_topk")
 DENSE_POOLINGS = ("mean", "max", "sum")
 
 
 @dataclass
 class TokenStats:
-    """Statistics of n documents: n_tokens (n,), and sum/max/count (n, width), CSR for SAE latents."""
+    """Statistics of n documents: n_tokens (n,), and sum/max/count (n, width), CSR for SAE latents;
+    log1p_sum (n, width) is the per-latent sum over tokens of log(1 + activation), SAE latents only."""
 
     n_tokens: np.ndarray
     sum: sp.csr_matrix | np.ndarray
     max: sp.csr_matrix | np.ndarray
     count: sp.csr_matrix | np.ndarray | None = None
+    log1p_sum: sp.csr_matrix | np.ndarray | None = None
 
     @property
     def sparse(self) -> bool:
@@ -35,7 +38,8 @@ class TokenStats:
     def take(self, rows: np.ndarray | list[int]) -> TokenStats:
         rows = np.asarray(rows, dtype=np.int64)
         return TokenStats(self.n_tokens[rows], self.sum[rows], self.max[rows],
-                          None if self.count is None else self.count[rows])
+                          None if self.count is None else self.count[rows],
+                          None if self.log1p_sum is None else self.log1p_sum[rows])
 
     @staticmethod
     def gather(sources: list[TokenStats], refs: list[tuple[int, int]]) -> TokenStats:
@@ -54,8 +58,9 @@ class TokenStats:
     def stack(parts: list[TokenStats]) -> TokenStats:
         cat = (lambda xs: sp.vstack(xs, format="csr")) if parts[0].sparse else np.vstack
         counts = None if parts[0].count is None else cat([p.count for p in parts])
+        logs = None if any(p.log1p_sum is None for p in parts) else cat([p.log1p_sum for p in parts])
         return TokenStats(np.concatenate([p.n_tokens for p in parts]), cat([p.sum for p in parts]),
-                          cat([p.max for p in parts]), counts)
+                          cat([p.max for p in parts]), counts, logs)
 
 
 def topk_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
@@ -74,8 +79,9 @@ def pool(stats: TokenStats, pooling: str = "max", k: int = 64) -> sp.csr_matrix 
     """Pool document statistics: a float32 CSR matrix for SAE latents, a dense array for dense features.
 
     max: strongest activation; mean: token-weighted mean; sum: total; count: number of tokens where a
-    latent fires; binary: fires anywhere; topk: the max-pooled vector cut to its k strongest latents.
-    A document with no tokens (empty text) pools to an all-zero row.
+    latent fires; binary: fires anywhere; topk: the max-pooled vector cut to its k strongest latents;
+    log1p_topk: sum over tokens of log(1 + a) (SPLADE's saturation: a latent firing strongly on many tokens
+    grows slowly), cut to its k largest latents. A document with no tokens (empty text) pools to an all-zero row.
     """
     valid = SPARSE_POOLINGS if stats.sparse else DENSE_POOLINGS
     if pooling not in valid:
@@ -92,8 +98,12 @@ def pool(stats: TokenStats, pooling: str = "max", k: int = 64) -> sp.csr_matrix 
     elif pooling == "binary":
         out = stats.count.copy()
         out.data = (out.data > 0).astype(np.float32)
-    else:
+    elif pooling == "topk":
         out = topk_rows(stats.max, k)
+    else:
+        if stats.log1p_sum is None:
+            raise ValueError("log1p_topk pooling needs the log1p_sum statistic, which these statistics lack")
+        out = topk_rows(stats.log1p_sum, k)
     if stats.sparse:
         out = sp.csr_matrix(out, dtype=np.float32)
         out.sort_indices()

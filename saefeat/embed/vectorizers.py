@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,17 +12,39 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from saefeat.device import autocast, resolve_device, resolve_precision
 from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
-from saefeat.embed.embedder import SAEEmbedder, get_host
+from saefeat.embed.config import EmbedConfig
+from saefeat.embed.embedder import SAEEmbedder
+from saefeat.errors import SaefeatError
+from saefeat.sae.formats import default_sae_path, state_hash
+from saefeat.sae.model import SAE
 
 _EMBEDDERS: dict[tuple, SAEEmbedder] = {}
 
 
-def get_embedder(**settings: Any) -> SAEEmbedder:
-    """An SAEEmbedder shared by every vectorizer with the same settings in this process."""
-    key = tuple(sorted((k, str(v)) for k, v in settings.items()))
+def get_embedder(config: EmbedConfig | None = None, sae: SAE | None = None, **settings: Any) -> SAEEmbedder:
+    """The SAEEmbedder for `config` (or `settings`), shared in this process by everything that reads the same
+    activations with the same SAE weights; `sae` is an in-memory SAE used in place of `config.sae`."""
+    if sae is not None and not isinstance(sae, SAE):  # a path or "default": a setting, not an in-memory SAE
+        settings, sae = {**settings, "sae": str(sae)}, None
+    config = (config or EmbedConfig()).replace(**settings) if settings else (config or EmbedConfig())
+    key = (config.reader_key(), _sae_fingerprint(config, sae))
     if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = SAEEmbedder(**settings)
+        _EMBEDDERS[key] = SAEEmbedder.from_config(config, sae=sae)
     return _EMBEDDERS[key]
+
+
+def _sae_fingerprint(config: EmbedConfig, sae: SAE | None) -> str:
+    """Identity of the SAE weights: a hash of an in-memory SAE, or the sizes and times of its files."""
+    if sae is not None:
+        return state_hash(sae)
+    if config.sae is None:
+        return "none"
+    folder = default_sae_path(config.model) if config.sae == "default" else Path(config.sae)
+    folder = folder.parent if folder.is_file() else folder
+    if not folder.is_dir():
+        return str(folder)  # the embedder raises the clear error
+    return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())
+                    if f.is_file())
 
 
 class _LazyModel(TransformerMixin, BaseEstimator):
@@ -37,7 +60,7 @@ class _LazyModel(TransformerMixin, BaseEstimator):
     @staticmethod
     def _check_input(X: Any) -> None:
         if isinstance(X, str):
-            raise ValueError("expected a list of documents, got a single string")
+            raise SaefeatError("expected a list of documents, got a single string")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -55,51 +78,38 @@ class _LazyModel(TransformerMixin, BaseEstimator):
 class SAEVectorizer(_LazyModel):
     """Documents -> pooled SAE latents (CSR). Drops into a Pipeline beside TfidfVectorizer."""
 
-    def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
-                 pooling: str = "max", k: int = 64, sae_k: int | None = None, window: int | None = None,
-                 overlap: int = 32, max_tokens: int | None = None, batch_size: int = 32,
-                 device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None,
-                 precision: str = "auto", backend: str = "auto"):
-        self.precision, self.backend = precision, backend
-        self.model, self.sae, self.layer, self.pooling, self.k, self.sae_k = model, sae, layer, pooling, k, sae_k
-        self.window, self.overlap, self.max_tokens = window, overlap, max_tokens
-        self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
-        self.show_progress_bar = show_progress_bar
+    def __init__(self, config: EmbedConfig | None = None):
+        self.config = config
+
+    @property
+    def embed_config(self) -> EmbedConfig:
+        return self.config or EmbedConfig()
 
     @property
     def embedder(self) -> SAEEmbedder:
         if getattr(self, "_embedder", None) is None:
-            self._embedder = get_embedder(model=self.model, sae=self.sae, layer=self.layer, pooling=self.pooling,
-                                          k=self.k, sae_k=self.sae_k, window=self.window, overlap=self.overlap,
-                                          max_tokens=self.max_tokens, device=self.device, cache_dir=self.cache_dir,
-                                          precision=self.precision, backend=self.backend)
+            self._embedder = get_embedder(self.embed_config)
         return self._embedder
 
     def transform(self, X: Sequence[str]) -> sp.csr_matrix:
         self._check_input(X)
-        return self.embedder.encode(list(X), batch_size=self.batch_size, pooling=self.pooling,
-                                    show_progress_bar=self.show_progress_bar)
+        return self.embedder.encode(list(X), pooling=self.embed_config.pooling)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"latent_{i}" for i in range(self.embedder.d_sae)], dtype=object)
 
 
 class DenseVectorizer(SAEVectorizer):
-    """Documents -> the same layer's dense activations, pooled (the `dense` baseline)."""
+    """Documents -> the host's dense activations at the SAE's read point (or `layer`), pooled: the `dense`
+    baseline. Needs no SAE: with `config.sae=None` it reads `config.layer`, by default the last block."""
 
-    def __init__(self, model: str = "minilm", sae: str = "default", layer: int | None = None,
-                 pooling: str = "mean", window: int | None = None, overlap: int = 32,
-                 max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
-                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto",
-                 backend: str = "auto"):
-        super().__init__(model=model, sae=sae, layer=layer, pooling=pooling, window=window, overlap=overlap,
-                         max_tokens=max_tokens, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                         show_progress_bar=show_progress_bar, precision=precision, backend=backend)
+    def __init__(self, config: EmbedConfig | None = None, pooling: str = "mean"):
+        super().__init__(config)
+        self.pooling = pooling
 
     def transform(self, X: Sequence[str]) -> np.ndarray:
         self._check_input(X)
-        return self.embedder.encode_dense(list(X), pooling=self.pooling, batch_size=self.batch_size,
-                                          show_progress_bar=self.show_progress_bar)
+        return self.embedder.encode_dense(list(X), pooling=self.pooling)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"dim_{i}" for i in range(self.embedder.host.d_model)], dtype=object)
@@ -129,7 +139,7 @@ class SentenceVectorizer(_LazyModel):
             path, gguf = resolve_host_path(self.model)
             if gguf:
                 raise ValueError(f"{self.model!r} is a GGUF causal LM, not a sentence-transformers model")
-            self._st = SentenceTransformer(path, device=str(get_host(self.model, self.device).device))
+            self._st = SentenceTransformer(path, device=str(resolve_device(self.device)))
         return self._st
 
     def _chunks(self, text: str) -> list[str]:

@@ -12,17 +12,17 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from saefeat.config import to_dict
+from saefeat.config import embed_config, to_dict
 from saefeat.tracking import log_params, start_run
 
 
 class TaskRun:
-    """A task's parent run: `with task.representation("sae") as rec:` opens a child run and collects metrics."""
+    """A task's parent run: `with task.child("sae") as rec:` opens a child run and collects metrics."""
 
     def __init__(self, cfg: DictConfig, run_name: str | None = None):
         self.cfg = cfg
         self.name = str(cfg.task)
-        self.run_name = run_name or f"{self.name}-{cfg.model.path}"
+        self.run_name = run_name or f"{self.name}-{cfg.embed.model}"
         self.rows: dict[str, dict[str, float]] = {}
         self._stack = contextlib.ExitStack()
         self.parent: mlflow.ActiveRun | None = None
@@ -31,7 +31,7 @@ class TaskRun:
         experiment = self.cfg.tracking.experiment or self.name
         self.parent = self._stack.enter_context(start_run(
             experiment, self.run_name, to_dict(self.cfg),
-            tags={"task": self.name, "host": str(self.cfg.model.path), "sae": str(self.cfg.sae.path),
+            tags={"task": self.name, "host": str(self.cfg.embed.model), "sae": str(self.cfg.embed.sae),
                   "saefeat.role": "parent"}))
         self.resolved = resolved_embedding(self.cfg)
         if self.resolved:
@@ -48,7 +48,7 @@ class TaskRun:
             self._stack.__exit__(*exc)
 
     @contextlib.contextmanager
-    def representation(self, name: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, float]]:
+    def child(self, name: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, float]]:
         """A child run for one representation; metrics put in the yielded dict are logged when it closes."""
         metrics: dict[str, float] = {}
         with mlflow.start_run(run_name=name, nested=True, experiment_id=self.parent.info.experiment_id,
@@ -65,12 +65,12 @@ class TaskRun:
 def resolved_embedding(cfg: DictConfig) -> dict[str, str]:
     """What the run's SAE embedding resolves to (host and SAE hashes, layer, backend, precision, device, kernel),
     from the embedder the `sae` representation uses; {} for a config without an embedding section."""
-    if not all(key in cfg for key in ("model", "sae", "embed")):
+    if "embed" not in cfg:
         return {}
+    from saefeat.embed.vectorizers import get_embedder
     from saefeat.provenance import embedder_provenance
-    from saefeat.representations import representation_from_config
 
-    return embedder_provenance(representation_from_config("sae", cfg).embedder)
+    return embedder_provenance(get_embedder(embed_config(cfg)))
 
 
 def print_table(df: pd.DataFrame, title: str, console: Console | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,23 @@ def classifier_search(n_features: int, sparse: bool, classifiers: list[str], sel
     # nan, not raise: a validation fold of a small, imbalanced set can hold one class (no ROC-AUC)
     return GridSearchCV(Pipeline(steps, memory=memory), grid, scoring="roc_auc", cv=cv, n_jobs=n_jobs, refit=True,
                         error_score=np.nan)
+
+
+def fit_search(X, y, dates, *, classifiers: list[str], selection: list[str], k_grid: list[int], n_splits: int = 4,
+               seed: int = 0, log_transform: bool = False, n_jobs: int | None = None) -> GridSearchCV:
+    """`classifier_search` tuned by grouped time-series CV (`GroupedTimeSeriesSplit` over `dates`) on (X, y), with
+    the fitted selectors cached in a temporary folder while it runs; `best_score_` is the mean CV ROC-AUC."""
+    from saefeat.evaluation.splits import GroupedTimeSeriesSplit
+
+    with tempfile.TemporaryDirectory(prefix="saefeat-fits-") as memory:
+        search = classifier_search(X.shape[1], sp.issparse(X), classifiers, selection, k_grid,
+                                   cv=GroupedTimeSeriesSplit(n_splits), seed=seed, log_transform=log_transform,
+                                   memory=memory, n_jobs=n_jobs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="k=.*is greater than n_features")
+            search.fit(X, y, groups=dates)
+        search.best_estimator_.set_params(memory=None)
+    return search
 
 
 def regressor(seed: int = 0, log_transform: bool = False, n_jobs: int = -1) -> Pipeline:

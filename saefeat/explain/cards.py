@@ -62,9 +62,14 @@ class LatentCard:
     @property
     def best_label(self) -> str:
         """The LLM label when its detection score is clearly above chance, else the offline label."""
-        if self.llm_label and self.llm_score is not None and self.llm_score >= LLM_LABEL_MIN_SCORE:
-            return self.llm_label
-        return self.label
+        return best_label(self.label, self.llm_label, self.llm_score)
+
+
+def best_label(label: str | None, llm_label: str | None, llm_score: float | None) -> str:
+    """`llm_label` when its detection score reaches LLM_LABEL_MIN_SCORE, else the offline `label` ("" if none)."""
+    if llm_label and llm_score is not None and llm_score >= LLM_LABEL_MIN_SCORE:
+        return llm_label
+    return label or ""
 
 
 def token_rows(acts: Sequence[TokenActivations]) -> tuple[sp.csr_matrix, np.ndarray]:

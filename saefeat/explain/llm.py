@@ -66,7 +66,7 @@ class LocalLM:
     """Greedy chat completions from a local causal LM host (default: the offline smollm2)."""
 
     def __init__(self, model: str = "smollm2", device: str | None = None):
-        from saefeat.embed.embedder import get_host
+        from saefeat.hosts import get_host
 
         self.host = get_host(model, device)
         if not self.host.is_causal:
@@ -172,8 +172,7 @@ def label_store(store: LatentStore, emb: SAEEmbedder, labeller: Labeller, latent
                 max_latents: int = 20, n_explain: int = 8, n_holdout: int = 10, seed: int = 0) -> list[tuple]:
     """LLM labels and detection scores for latents of a built store, saved to it latent by latent."""
     if latents is None:
-        live = np.flatnonzero(np.asarray(store.con.execute(
-            "SELECT n_fire FROM latents ORDER BY latent").fetchall()).ravel() > 0)
+        live = np.flatnonzero(store.firing_counts() > 0)
         rng = np.random.default_rng(seed)
         latents = sorted(rng.choice(live, min(max_latents, len(live)), replace=False).tolist())
     cards = store.cards(list(latents))

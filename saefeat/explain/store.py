@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from saefeat.embed.cache import default_cache_dir
-from saefeat.explain.cards import Context, LatentCard
+from saefeat.explain.cards import Context, LatentCard, best_label
 
 SCHEMA_VERSION = 2
 
@@ -178,6 +178,21 @@ class LatentStore:
     @property
     def d_sae(self) -> int:
         return int(self.con.execute("SELECT COUNT(*) FROM latents").fetchone()[0])
+
+    def firing_counts(self) -> np.ndarray:
+        """Tokens of the reference corpus where each latent fires, indexed by latent (empty without a store)."""
+        if not self.exists:
+            return np.zeros(0, np.int64)
+        rows = self.con.execute("SELECT n_fire FROM latents ORDER BY latent").fetchall()
+        return np.array([n for (n,) in rows], dtype=np.int64)
+
+    def labels(self) -> dict[int, str]:
+        """Latent -> label of every labelled latent, the same as its card's `best_label` (empty without a store)."""
+        if not self.exists:
+            return {}
+        rows = self.con.execute("SELECT latent, label, llm_label, llm_score FROM latents ORDER BY latent")
+        out = {int(lat): best_label(label, llm, score) for lat, label, llm, score in rows}
+        return {lat: label for lat, label in out.items() if label}
 
     def cards(self, latents: Sequence[int], n_top: int | None = None, n_weak: int | None = None) -> list[LatentCard]:
         """Cards of the given latents, in the order given."""

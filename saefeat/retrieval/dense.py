@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,3 +77,26 @@ class DenseSide:
         """Cosine of one query with the documents at `rows`."""
         q = normalize(query.reshape(1, -1))[0]
         return self.vectors()[np.asarray(rows, dtype=np.int64)] @ q
+
+
+class DenseRetriever:
+    """Documents as dense vectors and an encoder of text queries: a `Retriever` over the documents' cosine.
+
+    `encode` maps a list of query texts to vectors in the documents' space (e.g. the same sentence model).
+    """
+
+    def __init__(self, side: DenseSide, encode: Callable[[list[str]], np.ndarray]):
+        self.side, self.encode = side, encode
+
+    @classmethod
+    def build(cls, kind: str, docs: Sequence[str], embedder: Any, sentence_model: str = "minilm",
+              batch_size: int = 32, show_progress_bar: bool | None = None) -> DenseRetriever:
+        """Encode `docs` as the dense side `kind` (see `encode_dense_side`); queries are encoded the same way."""
+        vectors = encode_dense_side(kind, docs, embedder, sentence_model, batch_size, show_progress_bar)
+        return cls(DenseSide.from_vectors(vectors),
+                   lambda queries: encode_dense_side(kind, queries, embedder, sentence_model, batch_size, False))
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores), each (n_queries, k), best first."""
+        scores, rows = self.side.search(self.encode(list(queries)), k)
+        return rows, scores

@@ -114,7 +114,10 @@ def to_run(qids: Sequence[str], doc_ids: Sequence[str], rows: Sequence[np.ndarra
 
 
 class BM25:
-    """BM25 (bm25s, Lucene variant) with English stop words and Snowball stemming: the lexical anchor."""
+    """BM25 (bm25s, Lucene variant) with English stop words and Snowball stemming: the lexical anchor.
+
+    Once fitted it is a `Retriever` (`saefeat.retrieval.retrievers`): `search(queries, k) -> (rows, scores)`.
+    """
 
     def __init__(self, k1: float = 1.2, b: float = 0.75):
         self.k1, self.b = k1, b

@@ -1,6 +1,6 @@
 """SAEIndex: a sparse inverted index of pooled SAE latents, a document store and an optional dense side.
 
-    index = SAEIndex.build(docs, model="minilm", sae="default", dense="sentence")
+    index = SAEIndex.build(docs, EmbedConfig(model="minilm", sae="default"), dense="sentence")
     index.search("statins lower cholesterol", k=10)                 # SAE latents, idf-weighted cosine
     index.search("statins lower cholesterol", k=10, mode="hybrid")  # fused with the dense side
     index.search_property(positives=["...", "..."], k=50)          # by the latents the examples share
@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from saefeat.data import check_texts
+from saefeat.embed.config import EmbedConfig
 from saefeat.embed.pooling import SPARSE_POOLINGS, pool
 from saefeat.retrieval.dense import DENSE_KINDS, DenseSide, encode_dense_side
 from saefeat.retrieval.properties import Property, latent_labels, property_from_description, select_latents
@@ -51,13 +52,13 @@ def embedder_identity(embedder: Any) -> dict[str, Any]:
 
 def _default_sae_spec(embedder: Any) -> str | None:
     """"default" when the embedder's SAE is the one shipped for its host, else None (unknown path)."""
-    from saefeat.sae.formats import SAEFEAT_WEIGHTS, default_sae_path, file_hash
+    from saefeat.sae.formats import content_hash, default_sae_path
 
     try:
         path = default_sae_path(embedder.model_name)
     except FileNotFoundError:
         return None
-    return "default" if file_hash(path / SAEFEAT_WEIGHTS) == embedder.sae.content_hash else None
+    return "default" if content_hash(path) == embedder.sae.content_hash else None
 
 
 class SAEIndex:
@@ -83,34 +84,37 @@ class SAEIndex:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def build(cls, docs: Sequence[str], embedder: Any | None = None, ids: Sequence[str] | None = None,
-              model: str = "minilm", sae: str = "default", pooling: str = "max", k: int = 64,
-              dense: str | None = "sentence", sentence_model: str = "minilm", batch_size: int = 32,
-              show_progress_bar: bool | None = None, **embedder_kwargs: Any) -> SAEIndex:
+    def build(cls, docs: Sequence[str], config: EmbedConfig | None = None, ids: Sequence[str] | None = None,
+              dense: str | None = "sentence", sentence_model: str = "minilm", embedder: Any | None = None,
+              show_progress_bar: bool | None = None) -> SAEIndex:
         """Encode `docs` and index them.
 
         Args:
             docs: document texts.
-            embedder: an SAEEmbedder; built from `model`, `sae` and `embedder_kwargs` when None.
+            config: how documents are embedded (host, SAE, pooling, pool_k, ...); see `EmbedConfig`.
             ids: document ids (default "0", "1", ...); must be unique.
-            pooling, k: how token latents are pooled into one vector per document (see `pool`).
             dense: `sentence`, `dense` or None: the dense side used by `mode="dense"` and `"hybrid"`.
+            embedder: an SAEEmbedder to use instead of the one `config` describes (its pooling still applies).
         """
+        if isinstance(docs, str):
+            raise ValueError("expected a list of documents, got a single string")
         docs = check_texts(list(docs), field="docs")
         if dense is not None and dense not in DENSE_KINDS:
             raise ValueError(f"unknown dense side {dense!r}; valid: {', '.join(DENSE_KINDS)} or none")
         if not docs:
             raise ValueError("no documents to index")
+        config = config or (embedder.config if embedder is not None else EmbedConfig())
         if embedder is None:
             from saefeat.embed.vectorizers import get_embedder
 
+            sae = config.sae
             sae_spec = str(sae) if str(sae) == "default" else str(Path(sae).resolve())
-            embedder = get_embedder(model=model, sae=sae, **embedder_kwargs)
+            embedder = get_embedder(config)
         else:
             sae_spec = _default_sae_spec(embedder)
         empty = sp.csc_matrix((0, embedder.d_sae), dtype=np.float32)
-        index = cls(embedder, empty, [], [], pooling=pooling, k=k, sentence_model=sentence_model,
-                    sae_spec=sae_spec, batch_size=batch_size, dense_kind=dense)
+        index = cls(embedder, empty, [], [], pooling=config.pooling, k=config.pool_k, sentence_model=sentence_model,
+                    sae_spec=sae_spec, batch_size=config.batch_size, dense_kind=dense)
         return index.add(docs, ids=ids, show_progress_bar=show_progress_bar)
 
     def add(self, docs: Sequence[str], ids: Sequence[str] | None = None,
@@ -193,15 +197,15 @@ class SAEIndex:
                                          f"(hash {ident['sae_hash']}); pass embedder= to load it")
             from saefeat.embed.vectorizers import get_embedder
 
-            kwargs: dict[str, Any] = {"model": ident["host"], "sae": ident["sae"], "layer": ident["layer"],
-                                      "window": ident["window"], "overlap": ident["overlap"],
-                                      "max_tokens": ident["max_tokens"], "cache_dir": cache_dir}
+            config = EmbedConfig(model=ident["host"], sae=ident["sae"], layer=ident["layer"],
+                                 window=ident["window"], overlap=ident["overlap"], max_tokens=ident["max_tokens"],
+                                 cache_dir=None if cache_dir is None else str(cache_dir))
             try:
-                embedder = get_embedder(**kwargs)
+                embedder = get_embedder(config)
             except FileNotFoundError as e:
                 raise IndexMismatchError(f"{path}: the SAE it was built with cannot be loaded ({e})") from e
             if embedder.sae.is_topk and ident["sae_k"] != embedder.sae.cfg.k:
-                embedder = get_embedder(**kwargs, sae_k=ident["sae_k"])
+                embedder = get_embedder(config.replace(sae_k=ident["sae_k"]))
         check_same_embedder(ident, embedder, path)
         X, ids, texts, dense_index = read_data(path, manifest)
         dense_cfg = manifest.get("dense") or {}
@@ -283,7 +287,7 @@ class SAEIndex:
             hits = [Hit(r + 1, self.ids[d], float(s), self.texts[d]) for r, (d, s) in enumerate(zip(rows, scores))]
             if Q is not None and explain:
                 for h, d in zip(hits, rows):
-                    h.latents = self._matched(d, Q[i], exclude, explain)
+                    h.latents = self.hit_latents(d, Q[i], explain, exclude)
             out.append(hits)
         return out[0] if single else out
 
@@ -305,9 +309,11 @@ class SAEIndex:
         order = np.argsort(-fused, kind="stable")[:k]
         return cand[order], fused[order].astype(np.float32)
 
-    def _matched(self, row: int, q: sp.spmatrix, exclude: Sequence[int], n: int) -> list[tuple[int, float]]:
-        """Latents shared by the query and document `row`, with their share of the SAE score."""
-        cols, vals = self._query_weights(q, exclude)
+    def hit_latents(self, row: int, q: sp.spmatrix, n: int | None = None,
+                    exclude_latents: Iterable[int] = ()) -> list[tuple[int, float]]:
+        """Why document `row` scored as it did for an encoded query `q` (1 x d_sae): the latents they share,
+        each with its share of the `sae` score (the shares sum to the score), largest first, at most `n`."""
+        cols, vals = self._query_weights(q, exclude_latents)
         doc = self._X_rows[row]
         common, qi, di = np.intersect1d(cols, doc.indices, return_indices=True)
         contrib = vals[qi] * doc.data[di] * self.idf[common] * self._inv_norm[row]

@@ -12,7 +12,6 @@ crash never leaves a half-written index under the target name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from saefeat.atomic import replace_dir
 from saefeat.sae.formats import file_hash
 
 FORMAT = "saefeat-index"
@@ -66,22 +66,11 @@ def write_index(path: str | Path, postings: sp.csc_matrix, ids: list[str], texts
         manifest = {"format": FORMAT, "version": VERSION, **manifest,
                     "files": {f: {"sha256": file_hash(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _swap_into_place(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.rmdir(old)
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -66,13 +66,8 @@ def sample_windows(host: HostModel, sources: Sequence[CorpusSource], seq_len: in
 def content_activations(host: HostModel, layer: int, windows: list[list[int]],
                         precision: str = "auto") -> torch.Tensor:
     """Residual activations (n_tokens, d) of the content (non-special) tokens of a batch of windows."""
-    wrapped = [host.wrap(w) for w in windows]
-    ids, att = host.pad_batch([w for w, _ in wrapped])
-    acts = host.residual(ids, att, layer, precision=precision)
-    keep = torch.zeros_like(att, dtype=torch.bool)
-    for i, (_, content) in enumerate(wrapped):
-        keep[i, : len(content)] = torch.tensor(content, device=keep.device)
-    return acts[keep]
+    batch = host.batch(windows)
+    return host.residual(batch.input_ids, batch.attention_mask, layer, precision=precision)[batch.content]
 
 
 class ShuffledBuffer:

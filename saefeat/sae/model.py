@@ -28,6 +28,8 @@ class SAEConfig:
     host: str | None = None
     layer: int | None = None
     hook_name: str | None = None
+    site: str = "resid_post"  # where the SAE was trained (saefeat.sae.sites.SITES); read_point says where to read
+    context_size: int | None = None  # training window in content tokens, when the file says it
     source_format: str = "saefeat"
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -5,6 +5,8 @@
 - `detect`: shortcut latents (counterfactual invariance, token-label PMI) and where they fire.
 - `masking`: masked copies x̃ (hard and soft masking).
 - `jsd`, `dbr`: the JSD penalty and the DBR trainers (`head` on frozen features, `finetune` of the encoder).
+- `selection`, `experiment`: the DBR experiment: masked copies, a trainer per mode, L2 and λ chosen on in-domain
+  data only, and the evaluation (accuracy, gap, reliance).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ _EXPORTS = {
     "jsd": "saefeat.shortcut.jsd",
     "DBRClassifier": "saefeat.shortcut.dbr",
     "DBRFineTuner": "saefeat.shortcut.dbr",
+    "HeadTrainer": "saefeat.shortcut.experiment",
+    "FineTuneTrainer": "saefeat.shortcut.experiment",
+    "select_and_fit": "saefeat.shortcut.experiment",
+    "evaluate": "saefeat.shortcut.experiment",
 }
 
 __all__ = list(_EXPORTS)

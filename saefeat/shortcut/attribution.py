@@ -19,8 +19,7 @@ from captum.attr import IntegratedGradients
 from torch import nn
 from tqdm.auto import tqdm
 
-from saefeat.embed.embedder import get_host
-from saefeat.hosts import HostModel
+from saefeat.hosts import HostModel, get_host
 from saefeat.shortcut.masking import mask_token_id, normalize_token
 
 

@@ -263,6 +263,29 @@ class Benchmark:
     pairs: PairedDataset | None = None  # counterfactual pairs of training texts, where the benchmark has them
     classes: list[str] = field(default_factory=list)
 
+    def sample(self, max_train: int | None = None, max_eval: int | None = None, seed: int = 0) -> Benchmark:
+        """Cap the training set and each evaluation set (stratified, see `TextDataset.head`) in place.
+
+        The counterfactual pairs are cut to those of the training originals kept; returns the benchmark.
+        """
+        self.train = self.train.head(max_train, seed)
+        self.in_domain = self.in_domain.head(max_eval, seed)
+        self.ood = {k: v.head(max_eval, seed) for k, v in self.ood.items()}
+        if self.pairs is not None and max_train is not None:
+            keep = set(self.train.texts)
+            idx = [i for i, t in enumerate(self.pairs.original.texts) if t in keep]
+            self.pairs = PairedDataset(self.pairs.original.subset(idx), self.pairs.counterfactual.subset(idx),
+                                       [self.pairs.pair_ids[i] for i in idx])
+        return self
+
+    def parts(self) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+        """Texts and labels (indices into `classes`) of each part, keyed `train`, `in_domain` and `ood:<name>`."""
+        texts = {"train": self.train.texts, "in_domain": self.in_domain.texts}
+        y = {"train": self.train.y(self.classes), "in_domain": self.in_domain.y(self.classes)}
+        for name, ds in self.ood.items():
+            y[f"ood:{name}"], texts[f"ood:{name}"] = ds.y(self.classes), ds.texts
+        return texts, y
+
 
 def load_benchmark(name: str, data_dir: str | Path, paths: Mapping[str, str | None] | None = None,
                    use_pairs: bool = True) -> Benchmark:

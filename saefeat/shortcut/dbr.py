@@ -20,9 +20,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from saefeat.device import autocast
-from saefeat.embed.embedder import get_host
+from saefeat.hosts import Batch, get_host
 from saefeat.sae.formats import check_compatible, resolve_sae
+from saefeat.sae.sites import host_read_point
 from saefeat.shortcut.jsd import jsd
 
 
@@ -148,36 +148,31 @@ class DBRFineTuner(ClassifierMixin, BaseEstimator):
         host = get_host(self.model, self.device)
         self.host_ = host
         self.sae_ = None
-        layer = self.layer
+        layer, site = self.layer, "output"
         if self.representation == "sae" or layer is None:
             sae = resolve_sae(self.sae, self.model, host.device)
-            layer = sae.cfg.layer if layer is None else layer
-            check_compatible(sae, self.model, host.d_model, layer)
+            check_compatible(sae, self.model, host.d_model, None)
+            layer, site = host_read_point(sae.cfg, layer)
             if self.representation == "sae":
                 self.sae_ = sae.requires_grad_(False).eval()
         host.check_layer(int(layer))
-        self.layer_ = int(layer)
+        self.layer_, self.site_ = int(layer), site
         torch.manual_seed(self.seed)
         self.encoder_ = copy.deepcopy(host.model).to(host.device).train()
         d = self.sae_.d_sae if self.sae_ is not None else host.d_model
         self.head_ = nn.Sequential(nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, n_classes)).to(host.device)
 
-    def _batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch(self, texts: Sequence[str]) -> Batch:
         host = self.host_
         cap = min(self.max_tokens, host.window_capacity)
-        wrapped = [host.wrap(ids[:cap]) for ids in host.tokenize(list(texts))]
-        ids, att = host.pad_batch([w for w, _ in wrapped])
-        content = torch.zeros_like(att, dtype=torch.bool)
-        for i, (_, c) in enumerate(wrapped):
-            content[i, : len(c)] = torch.tensor(c)
-        return ids, att, content
+        return host.batch([ids[:cap] for ids in host.tokenize(list(texts))])
 
     def _logits(self, texts: Sequence[str]) -> torch.Tensor:
-        ids, att, content = self._batch(texts)
+        batch = self._batch(texts)
         body = getattr(self.encoder_, "base_model", self.encoder_)
-        with autocast(self.host_.device):
-            out = body(input_ids=ids, attention_mask=att, output_hidden_states=True)
-        h = out.hidden_states[self.layer_ + 1].float()
+        with self.host_.hook(self.layer_, self.site_, stop=True, model=body) as cap:
+            self.host_.forward(batch, model=body)
+        h, content = cap.value.float(), batch.content
         m = content.unsqueeze(-1)
         if self.sae_ is None:
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)

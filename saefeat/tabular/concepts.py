@@ -220,3 +220,72 @@ def resolve_latents(spec: int | str | Sequence[int | str], labels: Mapping[int, 
                              + (f" ({shown})" if hits else "") + "; give a more specific label or an id")
         out.append(int(hits[0]))
     return out
+
+
+def store_labels(sae_hash: str, directory: str | None = None) -> dict[int, str] | None:
+    """Latent labels from the latent store of an SAE, where `saefeat describe-latents` built one (else None)."""
+    from saefeat.explain.store import LatentStore
+
+    store = LatentStore.for_sae(sae_hash, directory)
+    if not (store.exists and store.meta.get("docs_done")):
+        return None
+    try:
+        return store.labels()
+    finally:
+        store.close()
+
+
+def named_latents(specs: Sequence[int | str | Sequence[int | str]], labels: Mapping[int, str] | None,
+                  d_sae: int) -> list[list[int]]:
+    """Latent ids of each named concept (ids or labels, see `resolve_latents`), checked before any encoding.
+
+    Refuses labels without `labels`, the same latent set named twice and ids outside the SAE's `d_sae`.
+    """
+    specs = list(specs)
+    needs_labels = any(isinstance(s, str) and not s.strip().lstrip("#").isdigit()
+                       for spec in specs for s in (spec if isinstance(spec, list) else [spec]))
+    if needs_labels and not labels:
+        raise ValueError("concepts.latents names latents by label, but this SAE has no latent store with labels; "
+                         "run `saefeat describe-latents` first or give latent ids")
+    out = [resolve_latents(spec, labels) for spec in specs]
+    if len({tuple(ids) for ids in out}) < len(out):
+        raise ValueError(f"concepts.latents names the same latent set twice: {out}")
+    bad = [i for ids in out for i in ids if not 0 <= i < d_sae]
+    if bad:
+        raise ValueError(f"concepts.latents: latent id(s) {bad} out of range; the SAE has {d_sae} latents")
+    return out
+
+
+def add_concept_columns(X, table: pd.DataFrame, schema: TableSchema, clusters: ClusterConcepts,
+                        named: Sequence[Sequence[int]] = (), label: bool = True,
+                        labels: Mapping[int, str] | None = None) -> tuple[list[Concept], pd.DataFrame, TableSchema]:
+    """Every concept of the encoded rows `X` of `table`, and the table and schema with their condition columns.
+
+    Concepts: the clusters (fitted here, column `clusters.column`), one per latent set in `named` (a yes/no
+    column each) and, with `label`, one per class of the target (its column is the target itself).
+    """
+    clusters.fit(X, table, schema, labels)
+    concepts: list[Concept] = list(clusters.concepts_)
+    out = table.copy()
+    out[clusters.column] = clusters.labels_
+    out_schema = schema.with_column(clusters.column)
+    for ids in named:
+        concept, values = latent_concept(X, ids, match=clusters.match, labels=labels)
+        out[concept.column] = values
+        out_schema = out_schema.with_column(concept.column)
+        concepts.append(concept)
+    if label:
+        concepts += label_concepts(X, table[schema.target].to_numpy(), schema.target, clusters.n_signature,
+                                   clusters.match, labels)
+    return concepts, out, out_schema
+
+
+def concept_latent_importance(concepts: Sequence[Concept]) -> dict[int, float]:
+    """Latent -> the largest rise of its concepts' firing rate inside the concept over outside (or the base rate),
+    for every latent that tests a concept, in first-seen order."""
+    latents: dict[int, float] = {}
+    for c in concepts:
+        rise = c.stats.get("shows_inside", 1.0) - c.stats.get("shows_outside", c.stats.get("share", 0.0))
+        for i in c.latents:
+            latents[i] = max(latents.get(i, -1.0), float(rise))
+    return latents

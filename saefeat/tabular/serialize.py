@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from saefeat.tabular.schema import TableSchema
 
 
 class RowSerializer:
@@ -46,6 +50,13 @@ class RowSerializer:
         self._by_name = by_name
         alternatives = "|".join(re.escape(n) for n in sorted(by_name, key=len, reverse=True))
         self._pattern = re.compile(f"(?:^|(?<={re.escape(self.sep)}))({alternatives}){re.escape(self.verb)}")
+
+    @classmethod
+    def for_schema(cls, schema: TableSchema, include_target: bool = False, pretty_names: bool = True) -> RowSerializer:
+        """A serializer of the schema's feature columns (and the target, with `include_target`), typed by it."""
+        cols = schema.columns if include_target else schema.features
+        return cls(cols, [c for c in schema.numerical if c in cols], [c for c in schema.integers if c in cols],
+                   pretty_names)
 
     def _name(self, column: str) -> str:
         return " ".join(str(column).replace("_", " ").split()) if self.pretty_names else str(column)

@@ -1,4 +1,4 @@
-"""The `embed` command: a table file of documents in, a sparse .npz and a row-id file out."""
+"""`saefeat embed`: a table file of documents in, a sparse .npz and a row-id file out."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ import scipy.sparse as sp
 from omegaconf import DictConfig
 
 from saefeat.atomic import atomic_write
+from saefeat.config import baseline_config, embed_config
 from saefeat.data import load_texts
 from saefeat.embed.storage import save_sparse
-from saefeat.representations import representation_from_config
+from saefeat.errors import SaefeatError
+from saefeat.representations import make_representation
 
 
 def embed_file(cfg: DictConfig) -> Path:
     """Embed `cfg.input` (CSV/JSONL/Parquet) and write `cfg.output` (.npz) plus `<output>.ids.txt`."""
-    texts, ids = load_texts(cfg.input, cfg.text_field, cfg.id_field)
     if cfg.representation not in ("sae", "dense"):
-        raise ValueError(f"representation must be 'sae' or 'dense', got {cfg.representation!r}")
-    X = representation_from_config(cfg.representation, cfg).fit_transform(texts)
+        raise SaefeatError(f"representation must be 'sae' or 'dense', got {cfg.representation!r}")
     out = Path(cfg.output)
-    if out.suffix != ".npz":
-        raise ValueError(f"output must end in .npz, got {out}")
+    if out.suffix != ".npz":  # checked before any embedding
+        raise SaefeatError(f"output must end in .npz, got {out}")
+    texts, ids = load_texts(cfg.input, cfg.text_field, cfg.id_field)
+    X = make_representation(cfg.representation, embed_config(cfg), baseline_config(cfg)).fit_transform(texts)
     if sp.issparse(X):
         save_sparse(out, X, values=str(cfg.value_dtype))
     else:

@@ -1,4 +1,4 @@
-"""The `index` and `search` commands: build an SAE index from a table file, query it from the terminal."""
+"""`saefeat index` and `saefeat search`: build an SAE index from a table file, query it from the terminal."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from saefeat.config import apply_overrides, baseline_config, embed_config, parse_overrides, read_config
 from saefeat.data import DataError, check_texts, load_texts, read_table
 from saefeat.retrieval.index import Hit, SAEIndex
 
@@ -23,24 +24,19 @@ def index_file(cfg: DictConfig) -> SAEIndex:
     if dup:
         raise DataError(f"{cfg.input}, field {cfg.id_field!r}: duplicate ids {dup[:10]}")
     dense = None if str(cfg.dense).lower() in ("none", "null", "") else str(cfg.dense)
-    e = cfg.embed
-    index = SAEIndex.build(texts, ids=ids, model=cfg.model.path, sae=cfg.sae.path, pooling=e.pooling, k=e.k,
-                           dense=dense, sentence_model=e.sentence_model, batch_size=e.batch_size,
-                           show_progress_bar=e.show_progress_bar, layer=cfg.model.layer, sae_k=cfg.sae.k,
-                           window=cfg.model.window, overlap=e.overlap, max_tokens=e.max_tokens, device=e.device,
-                           cache_dir=e.cache_dir, precision=e.get("precision", "auto"),
-                           backend=e.get("backend", "auto"))
+    config = embed_config(cfg)
+    index = SAEIndex.build(texts, config, ids=ids, dense=dense,
+                           sentence_model=baseline_config(cfg).sentence_model,
+                           show_progress_bar=config.show_progress_bar)
     out = index.save(cfg.output)
     nnz = index.vectors.nnz
     print(f"indexed {len(index)} documents into {out}: {nnz / max(len(index), 1):.0f} latents per document "
-          f"({e.pooling} pooling), dense side: {dense or 'none'}")
+          f"({config.pooling} pooling), dense side: {dense or 'none'}")
     return index
 
 
 def search_config(overrides: Sequence[str]) -> DictConfig:
     """configs/commands/search.yaml merged with `key=value` overrides (unknown keys are errors)."""
-    from saefeat.config import apply_overrides, parse_overrides, read_config
-
     cfg = read_config("commands", "search.yaml")
     return apply_overrides(cfg, parse_overrides(overrides))
 

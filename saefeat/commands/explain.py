@@ -1,4 +1,4 @@
-"""The `describe-latents` and `explain` commands."""
+"""`saefeat describe-latents` and `saefeat explain`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from saefeat.config import load_config
+from saefeat.config import embed_config, load_config
 from saefeat.embed.embedder import SAEEmbedder
+from saefeat.embed.vectorizers import get_embedder
 from saefeat.explain.build import build_cards
 from saefeat.explain.corpus import default_corpus, file_corpus
 from saefeat.explain.render import card_panel
@@ -21,15 +22,12 @@ console = Console()
 
 
 def latent_config(kind: str, overrides: Sequence[str]) -> DictConfig:
-    """Config of `describe` or `explain`; `sae=X` is short for `sae.path=X`."""
-    ov = [f"sae.path={o.split('=', 1)[1]}" if o.split("=", 1)[0].strip() == "sae" else o for o in overrides]
-    return load_config(kind, ov)
+    """Config of `describe` or `explain` (`sae=X` is short for embed.sae=X, as in every command)."""
+    return load_config(kind, overrides)
 
 
 def make_embedder(cfg: DictConfig) -> SAEEmbedder:
-    from saefeat.representations import representation_from_config
-
-    return representation_from_config("sae", cfg).embedder
+    return get_embedder(embed_config(cfg))
 
 
 def describe_latents(cfg: DictConfig) -> LatentStore:
@@ -49,7 +47,7 @@ def describe_latents(cfg: DictConfig) -> LatentStore:
                         chunk_docs=cfg.chunk_docs, batch_size=cfg.embed.batch_size, seed=cfg.seed,
                         store_dir=cfg.store_dir, overwrite=cfg.overwrite,
                         show_progress_bar=cfg.embed.show_progress_bar)
-    n_fire = np.asarray(store.con.execute("SELECT n_fire FROM latents ORDER BY latent").fetchall()).ravel()
+    n_fire = store.firing_counts()
     dens = n_fire / max(store.n_tokens, 1)
     live = dens[n_fire > 0]
     console.print(f"latent cards of {emb.sae.describe()} over {corpus}: {store.n_tokens} tokens, "
@@ -70,7 +68,8 @@ def describe_latents(cfg: DictConfig) -> LatentStore:
 def _store_for(cfg: DictConfig) -> LatentStore:
     from saefeat.sae.formats import resolve_sae
 
-    sae = resolve_sae(cfg.sae.path, cfg.model.path, "cpu")
+    e = embed_config(cfg)
+    sae = resolve_sae(e.sae, e.model, "cpu")
     return LatentStore.for_sae(sae.content_hash, cfg.store_dir)
 
 
@@ -82,7 +81,7 @@ def explain(cfg: DictConfig) -> None:
         store = _store_for(cfg)
         if not store.exists or not store.meta.get("docs_done"):
             raise FileNotFoundError(f"no latent cards for this SAE ({store.path}); build them with "
-                                    f"`saefeat describe-latents model={cfg.model.path} sae={cfg.sae.path}`")
+                                    f"`saefeat describe-latents embed.model={cfg.embed.model} sae={cfg.embed.sae}`")
         if not store.complete:
             console.print(f"[yellow]cards are partial ({store.meta['docs_done']} of {store.meta['n_docs']} "
                           "documents, no labels yet); rerun describe-latents to finish[/]")

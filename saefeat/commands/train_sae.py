@@ -1,0 +1,70 @@
+"""`saefeat train-sae`: a recipe in, a tracked training run and a saved SAE out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig
+
+from saefeat.config import to_dict
+from saefeat.errors import SaefeatError
+from saefeat.hosts import load_host
+from saefeat.sae.activations import CorpusSource
+from saefeat.sae.formats import DEFAULTS_DIR, SAEFEAT_META, save_sae
+from saefeat.sae.model import SAE
+from saefeat.sae.train import TrainConfig, train_sae
+from saefeat.tracking import start_run
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    """The trainer's settings from a recipe (configs/train/<model>.yaml merged with overrides)."""
+    if cfg.architecture != "topk":
+        raise SaefeatError(f"architecture={cfg.architecture!r}: `train-sae` trains topk SAEs")
+    t = cfg.train
+    return TrainConfig(
+        layer=int(cfg.layer), d_sae=int(cfg.d_sae), k=int(cfg.k), total_tokens=int(t.total_tokens),
+        batch_size=int(t.batch_size), lr=float(t.lr), warmup_steps=int(t.warmup_steps), aux_coef=float(t.aux_coef),
+        dead_tokens=int(t.dead_tokens), seq_len=int(t.seq_len), buffer_tokens=int(t.buffer_tokens),
+        batch_windows=int(t.batch_windows), eval_windows=int(t.eval_windows), held_out_every=int(t.held_out_every),
+        bf16=bool(t.bf16), seed=int(cfg.seed),
+        sources=[CorpusSource(str(s.path), str(s.text_field), float(s.share)) for s in cfg.data.sources],
+    )
+
+
+def output_folder(cfg: DictConfig, tc: TrainConfig) -> Path:
+    """Where the SAE goes: `output`, or a new folder under the working directory; never inside the package, and
+    an existing folder only with overwrite=true when it holds an SAE saefeat wrote."""
+    name = f"sae-{Path(str(cfg.embed.model)).name}-L{tc.layer}-{cfg.architecture}{tc.k}-{tc.d_sae}"
+    out = Path(cfg.output) if cfg.output else Path.cwd() / name
+    if out.resolve().is_relative_to(DEFAULTS_DIR.resolve().parent):
+        raise SaefeatError(f"output={out} is inside the installed package ({DEFAULTS_DIR.parent}); "
+                           "choose a folder of your own")
+    if out.exists() and any(out.iterdir()):
+        if not (out / SAEFEAT_META).is_file():
+            raise SaefeatError(f"output={out} exists and is not an SAE folder saefeat wrote; choose another")
+        if not cfg.overwrite:
+            raise SaefeatError(f"output={out} already holds an SAE; pass overwrite=true to replace it")
+    return out
+
+
+def run_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
+    """Train an SAE as the recipe says, log it to MLflow and save it (saefeat layout)."""
+    tc = train_config(cfg)
+    out = output_folder(cfg, tc)  # checked before any training
+    for s in tc.sources:
+        if not Path(s.path).is_file():
+            raise FileNotFoundError(f"training corpus not found: {s.path} (set data_dir= or data.sources)")
+    model = str(cfg.embed.model)
+    host = load_host(model, device=cfg.embed.device)
+    name = f"{model}-L{tc.layer}-topk{tc.k}-{tc.d_sae}"
+    with start_run(cfg.tracking.experiment or "sae-training", name, to_dict(cfg),
+                   tags={"host": model, "layer": str(tc.layer)}):
+        sae, metrics = train_sae(host, tc, log=lambda m, step: mlflow.log_metrics(m, step=step))
+        save_sae(sae, out, meta={"recipe": to_dict(cfg), "metrics": metrics}, half=bool(cfg.half))
+        mlflow.set_tag("sae_hash", sae.content_hash)
+        mlflow.log_artifacts(str(out), artifact_path="sae")
+    print(f"saved {sae.describe()} to {out}")
+    for k, v in metrics.items():
+        print(f"  {k}: {v:.4f}")
+    return sae, metrics, out

@@ -1,0 +1,308 @@
+"""Probes of one SAE: small evaluations on the package's own train/validation data, each scoring the SAE's features
+beside three dense baselines, `dense` (the host's activations where the SAE reads them), `dense_last` (the host's
+last block) and `sentence` (the sentence-transformers model).
+
+Every probe returns a `ProbeResult`: per side its metrics (with bootstrap 95% intervals where they have one), and the
+SAE's gap to each baseline with a paired bootstrap interval (the same resampled rows, queries or draws for both
+sides). No held-back test split is read: toxicity is scored on a validation split of the balanced Jigsaw comments
+subsampled to the natural toxic rate, sentiment on CAD's dev files, SciFact on its train queries, and earnings by
+grouped time-series CV on the training calls of the task's temporal split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import TransformerMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import MaxAbsScaler, StandardScaler
+
+from saefeat.detox.data import split_comments
+from saefeat.detox.experiment import filter_report
+from saefeat.detox.filter import ToxicityFilter, representation_settings
+from saefeat.embed.config import BaselineConfig, EmbedConfig
+from saefeat.embed.embedder import SAEEmbedder
+from saefeat.embed.vectorizers import get_embedder
+from saefeat.evaluation.metrics import average_precision, bootstrap, roc_auc
+from saefeat.evaluation.model_selection import fit_search
+from saefeat.representations import make_representation
+from saefeat.retrieval.dense import DenseRetriever, normalize
+from saefeat.retrieval.evaluation import BeirData, per_query_scores, retrieval_report, to_run
+from saefeat.retrieval.index import SAEIndex
+from saefeat.retrieval.retrievers import make_retriever
+from saefeat.sae.metrics import activation_metrics, ce_recovered
+from saefeat.shortcut.selection import accuracy_report
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("dense", "dense_last", "sentence")
+SIDES = ("sae", *BASELINES)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One row of a probe: a representation (a `make_representation` name) with its settings."""
+
+    name: str
+    representation: str
+    embed: EmbedConfig
+    baselines: BaselineConfig
+
+    def transformer(self) -> TransformerMixin:
+        return make_representation(self.representation, self.embed, self.baselines)
+
+
+def probe_sides(embed: EmbedConfig, baselines: BaselineConfig | None = None) -> list[Side]:
+    """`sae` as `embed` says, `dense` at the SAE's read point, `dense_last` at the host's last block (no SAE) and
+    `sentence`, in that order."""
+    baselines = baselines or BaselineConfig()
+    last = embed.replace(sae=None, layer=None, sae_k=None)
+    return [Side("sae", "sae", embed, baselines), Side("dense", "dense", embed, baselines),
+            Side("dense_last", "dense", last, baselines), Side("sentence", "sentence", embed, baselines)]
+
+
+@dataclass
+class ProbeResult:
+    """What a probe measured.
+
+    Attributes:
+        metrics: side -> metric -> value; `<metric>_lo`/`_hi` hold its 95% interval where it has one.
+        gaps: baseline -> metric -> the SAE's value minus the baseline's, `_lo`/`_hi` a paired bootstrap interval.
+        headline: the metrics of the suite's table, in order.
+        compare_to: an SAE metric compared with another metric of the baselines (SciFact's `hybrid_ndcg_at_10`
+            stands beside their `ndcg_at_10`).
+        extra: logged only (sizes, per-property values).
+    """
+
+    metrics: dict[str, dict[str, float]]
+    gaps: dict[str, dict[str, float]] = field(default_factory=dict)
+    headline: tuple[str, ...] = ()
+    compare_to: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, float]:
+        """Every number as one MLflow metric: `<side>/<metric>`, `gap_<baseline>/<metric>` and the extras."""
+        out = {f"{side}/{k}": float(v) for side, m in self.metrics.items() for k, v in m.items()}
+        out |= {f"gap_{base}/{k}": float(v) for base, m in self.gaps.items() for k, v in m.items()}
+        return out | {k: float(v) for k, v in self.extra.items()}
+
+    def rows(self, probe: str) -> dict[str, dict[str, float]]:
+        """Table rows `<probe>: <metric>` with a column per side and per gap (`sae-<baseline>`), intervals as
+        `<column>_lo`/`_hi`."""
+        out: dict[str, dict[str, float]] = {}
+        for metric in self.headline:
+            row: dict[str, float] = {}
+            for side, m in self.metrics.items():
+                key = metric if side == "sae" else self.compare_to.get(metric, metric)
+                for suffix in ("", "_lo", "_hi"):
+                    if key + suffix in m:
+                        row[side + suffix] = m[key + suffix]
+            for base, m in self.gaps.items():
+                for suffix in ("", "_lo", "_hi"):
+                    if metric + suffix in m:
+                        row[f"sae-{base}{suffix}"] = m[metric + suffix]
+            out[f"{probe}: {metric}"] = row
+        return out
+
+
+def paired_gaps(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, values: Mapping[str, np.ndarray],
+                name: str, n_boot: int = 1000, seed: int = 0,
+                baselines: Iterable[str] = BASELINES) -> dict[str, dict[str, float]]:
+    """baseline -> {name: metric(y, sae) - metric(y, baseline), name_lo, name_hi}: a paired bootstrap over the rows
+    of `y` (each resample scores both sides on the same rows). `values` holds each side's per-row values."""
+    fn = {name: lambda yy, a, b: metric(yy, a) - metric(yy, b)}
+    return {base: bootstrap(fn, y, values["sae"], values[base], n_boot, seed) for base in baselines if base in values}
+
+
+def _merge(into: dict[str, dict[str, float]], more: dict[str, dict[str, float]]) -> None:
+    for key, m in more.items():
+        into.setdefault(key, {}).update(m)
+
+
+# ---- toxicity ---------------------------------------------------------------------------------------------
+def toxicity_probe(texts: Sequence[str], y: np.ndarray, sides: Sequence[Side], *, calib_fraction: float = 0.15,
+                   val_fraction: float = 0.35, toxic_rate: float = 0.08, C: float = 1.0, max_iter: int = 2000,
+                   n_boot: int = 1000, seed: int = 0, source: str = "the comments") -> ProbeResult:
+    """A `ToxicityFilter` per side, its threshold chosen on a calibration split for precision 0.8 at `toxic_rate`;
+    ROC-AUC and AP (`pr_auc`) on a validation split subsampled to that natural rate (`split_comments`)."""
+    y = np.asarray(y).astype(int)
+    train, calib, val = split_comments(y, calib_fraction, val_fraction, toxic_rate, seed, source)
+    pick = lambda rows: [texts[i] for i in rows]  # noqa: E731
+    metrics, scores = {}, {}
+    for side in sides:
+        filt = ToxicityFilter(side.representation, representation_settings(side.embed, side.baselines), C=C,
+                              max_iter=max_iter, target="precision", target_value=0.8, prior=toxic_rate)
+        filt.fit(pick(train), y[train], pick(calib), y[calib])
+        scores[side.name] = filt.predict_proba(pick(val))[:, 1]
+        metrics[side.name] = filter_report(y[val], scores[side.name], filt.threshold_, n_boot, seed)
+    yv = y[val]
+    gaps = paired_gaps(roc_auc, yv, scores, "roc_auc", n_boot, seed)
+    _merge(gaps, paired_gaps(lambda t, s: average_precision(t == 1, s), yv, scores, "pr_auc", n_boot, seed))
+    return ProbeResult(metrics, gaps, ("roc_auc", "pr_auc"),
+                       extra={"n_train": len(train), "n_calib": len(calib), "n_val": len(val),
+                              "val_toxic": int(yv.sum())})
+
+
+# ---- sentiment (CAD) --------------------------------------------------------------------------------------
+def linear_probe(X: sp.spmatrix | np.ndarray, y: np.ndarray, C: float = 1.0, max_iter: int = 2000) -> Pipeline:
+    """A class-balanced logistic regression on max-abs scaled (sparse) or standardised (dense) features."""
+    scaler = MaxAbsScaler() if sp.issparse(X) else StandardScaler()
+    return make_pipeline(scaler, LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced")).fit(X, y)
+
+
+def sentiment_probe(train_texts: Sequence[str], y_train: np.ndarray,
+                    evals: Mapping[str, tuple[Sequence[str], np.ndarray]], sides: Sequence[Side], *, C: float = 1.0,
+                    n_boot: int = 1000, seed: int = 0) -> ProbeResult:
+    """A `linear_probe` per side fitted on the training texts; `<name>_accuracy` on each evaluation set (CAD: the
+    original dev reviews, `in_domain`, and their counterfactual edits, `counterfactual`)."""
+    metrics: dict[str, dict[str, float]] = {}
+    preds: dict[str, dict[str, np.ndarray]] = {name: {} for name in evals}
+    for side in sides:
+        rep = side.transformer()
+        clf = linear_probe(rep.fit_transform(list(train_texts)), np.asarray(y_train), C)
+        metrics[side.name] = {}
+        for name, (texts, y) in evals.items():
+            preds[name][side.name] = clf.predict(rep.transform(list(texts)))
+            metrics[side.name] |= accuracy_report(np.asarray(y), preds[name][side.name], name, n_boot, seed)
+    gaps: dict[str, dict[str, float]] = {}
+    for name, (_, y) in evals.items():
+        _merge(gaps, paired_gaps(lambda t, p: float(np.mean(t == p)), np.asarray(y), preds[name],
+                                 f"{name}_accuracy", n_boot, seed))
+    return ProbeResult(metrics, gaps, tuple(f"{name}_accuracy" for name in evals),
+                       extra={"n_train": len(train_texts)} | {f"n_{name}": len(t) for name, (t, _) in evals.items()})
+
+
+# ---- SciFact retrieval ------------------------------------------------------------------------------------
+def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5, hybrid_dense: str = "sentence",
+                    depth: int = 100, n_boot: int = 1000, seed: int = 0,
+                    show_progress_bar: bool | None = None) -> ProbeResult:
+    """nDCG@10 and Recall@100 of each side over the judged queries of `data`: `sae` is the SAE index (idf-weighted
+    cosine), `hybrid_*` the index fused with its `hybrid_dense` side (weight `alpha` on the SAE), the baselines the
+    cosine of their vectors."""
+    by_name = {s.name: s for s in sides}
+    sae = by_name["sae"]
+    index = SAEIndex.build(data.texts, sae.embed, ids=data.doc_ids, dense=hybrid_dense,
+                           sentence_model=sae.baselines.sentence_model, show_progress_bar=show_progress_bar)
+    qids, queries = list(data.queries), list(data.queries.values())
+    e = sae.embed
+    retrievers = {"sae": make_retriever("sae", index), "hybrid": make_retriever("hybrid", index, alpha)}
+    for side in sides[1:]:
+        if side.representation == "sentence":
+            retrievers[side.name] = make_retriever("sentence", index, alpha, side.baselines.sentence_model,
+                                                   e.batch_size, show_progress_bar)
+        else:  # the mean-pooled activations of that side's own read point
+            retrievers[side.name] = DenseRetriever.build("dense", data.texts, get_embedder(side.embed),
+                                                         side.baselines.sentence_model, e.batch_size,
+                                                         show_progress_bar)
+    per_query = {}
+    for name, retriever in retrievers.items():
+        rows, scores = retriever.search(queries, depth)
+        per_query[name] = per_query_scores(data.qrels, to_run(qids, index.ids, rows, scores))
+    metrics = {name: retrieval_report(pq, n_boot, seed) for name, pq in per_query.items() if name != "hybrid"}
+    metrics["sae"] |= {f"hybrid_{k}": v for k, v in retrieval_report(per_query["hybrid"], n_boot, seed).items()}
+    zeros = np.zeros(len(qids))
+    mean = lambda _, a: float(np.mean(a))  # noqa: E731
+    gaps: dict[str, dict[str, float]] = {}
+    for key, sae_side in (("ndcg_at_10", "sae"), ("hybrid_ndcg_at_10", "hybrid")):
+        values = {"sae": per_query[sae_side]["ndcg_at_10"]} | {b: per_query[b]["ndcg_at_10"] for b in BASELINES
+                                                                if b in per_query}
+        _merge(gaps, paired_gaps(mean, zeros, values, key, n_boot, seed))
+    return ProbeResult(metrics, gaps, ("ndcg_at_10", "hybrid_ndcg_at_10"), {"hybrid_ndcg_at_10": "ndcg_at_10"},
+                       extra={"n_docs": len(index), "n_queries": len(qids),
+                              "sae_latents_per_doc": index.vectors.nnz / max(len(index), 1)})
+
+
+# ---- property retrieval -----------------------------------------------------------------------------------
+def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.ndarray]]], sides: Sequence[Side], *,
+                   n_examples: int = 10, draws: int = 3, n_latents: int = 16, n_boot: int = 1000,
+                   seed: int = 0, show_progress_bar: bool | None = None) -> ProbeResult:
+    """Retrieval of a property from `n_examples` positive examples: the SAE side ranks a corpus by the property
+    its index builds from the examples' latents (`SAEIndex.property`), a baseline by the cosine to the examples'
+    centroid. Average precision over the corpus without the examples, `mean_ap` over every (property, draw).
+
+    corpora: name -> (texts, property -> 0/1 labels of the texts); a property with too few positives is skipped.
+    """
+    aps: dict[str, list[float]] = {s.name: [] for s in sides}
+    extra: dict[str, float] = {}
+    for c, (corpus, (texts, labels)) in enumerate(corpora.items()):
+        texts = list(texts)
+        sae = next(s for s in sides if s.name == "sae")
+        index = SAEIndex.build(texts, sae.embed, dense=None, show_progress_bar=show_progress_bar)
+        vectors = {s.name: normalize(np.asarray(s.transformer().fit_transform(texts))) for s in sides
+                   if s.name != "sae"}
+        for p, (prop, y) in enumerate(labels.items()):
+            y = np.asarray(y).astype(bool)
+            positives = np.flatnonzero(y)
+            if len(positives) <= n_examples:
+                logger.warning("property %s:%s has %d positives (<= %d examples); skipped", corpus, prop,
+                               len(positives), n_examples)
+                continue
+            per_prop: dict[str, list[float]] = {s.name: [] for s in sides}
+            for draw in range(draws):
+                rng = np.random.default_rng([seed, c, p, draw])
+                ex = rng.choice(positives, n_examples, replace=False)
+                rest = np.setdiff1d(np.arange(len(texts)), ex)
+                scores = {"sae": index.property_scores(index.property(index.vectors[ex], n_latents=n_latents))}
+                for name, V in vectors.items():
+                    scores[name] = V @ normalize(V[ex].mean(0, keepdims=True))[0]
+                for name, s in scores.items():
+                    per_prop[name].append(average_precision(y[rest], s[rest]))
+            for name, values in per_prop.items():
+                aps[name] += values
+                extra[f"{name}/ap:{corpus}:{prop}"] = float(np.mean(values))
+    if not aps["sae"]:
+        raise ValueError(f"no property has more than {n_examples} positive examples")
+    values = {name: np.asarray(v) for name, v in aps.items()}
+    zeros = np.zeros(len(values["sae"]))
+    mean = {"mean_ap": lambda _, a, b: float(np.mean(a))}
+    metrics = {name: bootstrap(mean, zeros, v, v, n_boot, seed) for name, v in values.items()}
+    gaps = paired_gaps(lambda _, a: float(np.mean(a)), zeros, values, "mean_ap", n_boot, seed)
+    return ProbeResult(metrics, gaps, ("mean_ap",), extra=extra | {"n_property_draws": len(zeros)})
+
+
+# ---- earnings ---------------------------------------------------------------------------------------------
+def earnings_probe(texts: Sequence[str], y: np.ndarray, dates: np.ndarray, sides: Sequence[Side], *,
+                   classifiers: Sequence[str] = ("logreg",), selection: Sequence[str] = ("anova",),
+                   k_grid: Sequence[int] = (32, 128), n_splits: int = 4, seed: int = 0,
+                   n_jobs: int | None = None) -> ProbeResult:
+    """Grouped time-series CV ROC-AUC of the earnings-surprise classifier (`fit_search`) per side: the mean over
+    the folds of the best candidate (`cv_roc_auc`; chosen on the same folds, so optimistic alike for every side)."""
+    metrics: dict[str, dict[str, float]] = {}
+    folds: dict[str, np.ndarray] = {}
+    for side in sides:
+        X = side.transformer().fit_transform(list(texts))
+        log = side.representation == "sae" and side.embed.pooling in ("sum", "count")
+        search = fit_search(X, np.asarray(y), dates, classifiers=list(classifiers), selection=list(selection),
+                            k_grid=list(k_grid), n_splits=n_splits, seed=seed, log_transform=log, n_jobs=n_jobs)
+        res, best = search.cv_results_, search.best_index_
+        folds[side.name] = np.array([res[f"split{i}_test_score"][best] for i in range(n_splits)
+                                     if f"split{i}_test_score" in res])
+        metrics[side.name] = {"cv_roc_auc": float(search.best_score_),
+                              "cv_roc_auc_fold_sd": float(np.nanstd(folds[side.name]))}
+    gaps = {b: {"cv_roc_auc": metrics["sae"]["cv_roc_auc"] - metrics[b]["cv_roc_auc"]} for b in BASELINES
+            if b in metrics}
+    return ProbeResult(metrics, gaps, ("cv_roc_auc",), extra={"n_calls": len(texts), "beat_rate": float(np.mean(y))})
+
+
+# ---- the SAE's own quality --------------------------------------------------------------------------------
+def core_probe(embedder: SAEEmbedder, windows: Sequence[list[int]], *, dense_density: float = 0.1,
+               ce_windows: int = 16, batch_size: int = 32) -> ProbeResult:
+    """Explained variance, L0, dead and dense latent fractions over the tokens of `windows` as the embedder reads
+    them (its read point, precision and backend); CE and KL recovered on the first `ce_windows` for causal hosts
+    read at a block's output."""
+    sae = embedder.sae
+    if sae is None:
+        raise ValueError("the core probe needs an SAE")
+    windows = [list(w) for w in windows]
+    acts = (x for _, _, x in embedder.reader.batches(windows, batch_size))
+    m = activation_metrics(sae, acts, dense_density)
+    headline = ["explained_variance", "l0", "dead_fraction", "dense_fraction"]
+    if embedder.host.is_causal and embedder.reader.site == "output" and ce_windows > 0:
+        m |= ce_recovered(sae, embedder.host, embedder.layer, windows[:ce_windows])
+        headline += ["ce_loss_recovered", "kl_div_recovered"]
+    return ProbeResult({"sae": m}, headline=tuple(headline), extra={"n_windows": len(windows)})

@@ -1,0 +1,163 @@
+"""The SAE probing suite on tiny real samples (the quick sizes): each probe's scoring piece, then the command end
+to end. Every test reads the same texts through one embedding cache, so each is encoded once per side."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from saefeat.commands.probe import load_data, probe_config, probe_sae, run_probe
+from saefeat.embed.config import EmbedConfig
+from saefeat.embed.vectorizers import get_embedder
+from saefeat.evaluation.metrics import roc_auc
+from saefeat.evaluation.probes import (
+    BASELINES,
+    Side,
+    core_probe,
+    paired_gaps,
+    probe_sides,
+    retrieval_probe,
+    toxicity_probe,
+)
+from saefeat.retrieval.index import SAEIndex
+from tests.helpers import random_sae
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, data_dir):
+    """The quick config with a cache every test of this file shares, and its data."""
+    cache = tmp_path_factory.mktemp("probe-cache")
+    overrides = ["quick=true", f"data_dir={data_dir}", f"embed.cache_dir={cache}", "embed.show_progress_bar=false",
+                 "bootstrap=50", "n_jobs=1"]
+    cfg = probe_config(overrides)
+    return overrides, cfg, load_data(cfg)
+
+
+def _sides(cfg, **changes):
+    from saefeat.config import baseline_config, embed_config
+
+    return probe_sides(embed_config(cfg, **changes), baseline_config(cfg))
+
+
+def test_quick_sizes_yield_to_explicit_overrides(data_dir):
+    cfg = probe_config(["quick=true", f"data_dir={data_dir}", "toxicity.max_comments=77"])
+    assert cfg.toxicity.max_comments == 77 and cfg.sentiment.max_train == cfg.quick_sizes.sentiment.max_train
+    assert probe_config([f"data_dir={data_dir}"]).sentiment.max_train == 800  # no quick: the defaults
+    from saefeat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown.*valid: core"):
+        probe_config([f"data_dir={data_dir}", "probes=[core,nope]"])
+
+
+def test_sides_read_the_sae_layer_and_the_last_block(shared):
+    _, cfg, _ = shared
+    sides = _sides(cfg)
+    assert [s.name for s in sides] == ["sae", *BASELINES]
+    sae, _, last, _ = (get_embedder(s.embed) for s in sides)
+    assert sae.layer == 3 and sae.sae is not None
+    assert last.sae is None and last.layer == last.host.n_layers - 1
+
+
+def test_paired_gaps_are_the_difference_with_an_interval():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    good, bad = y + rng.normal(0, 0.5, 200), rng.normal(0, 1, 200)
+    gaps = paired_gaps(roc_auc, y, {"sae": good, "dense": bad}, "roc_auc", n_boot=200)
+    g = gaps["dense"]
+    assert set(gaps) == {"dense"}
+    assert g["roc_auc"] == pytest.approx(roc_auc(y, good) - roc_auc(y, bad))
+    assert 0 < g["roc_auc_lo"] < g["roc_auc"] < g["roc_auc_hi"]
+
+
+def test_toxicity_probe_real_sae_beats_a_random_one(shared, tmp_path):
+    _, cfg, data = shared
+    t, d = cfg.toxicity, data["comments"]
+    sae_side = _sides(cfg)[0]
+    rand = random_sae(tmp_path / "random", d_sae=4096, k=32, layer=3)
+    rand_side = Side("sae", "sae", sae_side.embed.replace(sae=str(rand)), sae_side.baselines)
+    kw = {"calib_fraction": float(t.calib_fraction), "val_fraction": float(t.val_fraction),
+          "toxic_rate": float(t.toxic_rate), "n_boot": 50}
+    real = toxicity_probe(d["texts"], d["y"], [sae_side], **kw).metrics["sae"]
+    random = toxicity_probe(d["texts"], d["y"], [rand_side], **kw).metrics["sae"]
+    assert 0.8 < real["roc_auc"] <= 1 and real["roc_auc_lo"] <= real["roc_auc"] <= real["roc_auc_hi"]
+    assert 0 < real["pr_auc"] <= 1
+    assert real["roc_auc"] > random["roc_auc"] + 0.03, (real["roc_auc"], random["roc_auc"])
+
+
+def test_retrieval_probe_ndcg_equals_a_direct_computation(shared):
+    _, cfg, data = shared
+    sides, beir = _sides(cfg), data["scifact"]
+    result = retrieval_probe(beir, sides, n_boot=50)
+    index = SAEIndex.build(beir.texts, sides[0].embed, ids=beir.doc_ids, dense=None)
+    ndcg = []
+    for qid, query in beir.queries.items():
+        ranked = [index.ids[r] for r in index.rank(index.encode([query])[0], None, 10)[0]]
+        gains = [beir.qrels[qid].get(d, 0) for d in ranked]
+        dcg = sum(g / np.log2(i + 2) for i, g in enumerate(gains))
+        ideal = sorted(beir.qrels[qid].values(), reverse=True)[:10]
+        ndcg.append(dcg / sum(g / np.log2(i + 2) for i, g in enumerate(ideal)))
+    m = result.metrics
+    assert 0 < m["sae"]["ndcg_at_10"] <= 1
+    assert m["sae"]["ndcg_at_10"] == pytest.approx(np.mean(ndcg), abs=1e-4)
+    assert set(m) == {"sae", *BASELINES} and 0 < m["sae"]["hybrid_ndcg_at_10"] <= 1
+    assert result.gaps["dense"]["ndcg_at_10"] == pytest.approx(m["sae"]["ndcg_at_10"] - m["dense"]["ndcg_at_10"])
+    rows = result.rows("scifact")
+    assert rows["scifact: hybrid_ndcg_at_10"]["sentence"] == m["sentence"]["ndcg_at_10"]
+
+
+def test_sentiment_and_property_probes_give_sensible_values(shared):
+    _, cfg, data = shared
+    sides = _sides(cfg)
+    sent = run_probe("sentiment", cfg, data, sides)
+    for side in sent.metrics.values():
+        assert 0 <= side["in_domain_accuracy"] <= 1 and 0 <= side["counterfactual_accuracy"] <= 1
+    assert sent.metrics["sae"]["in_domain_accuracy"] > 0.6
+    props = run_probe("properties", cfg, data, sides)
+    for name, m in props.metrics.items():
+        assert 0 < m["mean_ap"] <= 1, name
+        assert m["mean_ap_lo"] <= m["mean_ap"] <= m["mean_ap_hi"]
+    assert props.gaps["dense"]["mean_ap"] == pytest.approx(props.metrics["sae"]["mean_ap"]
+                                                           - props.metrics["dense"]["mean_ap"])
+    assert props.extra["n_property_draws"] == 4 * cfg.properties.draws  # obscene, insult, positive, negative
+
+
+def test_core_probe_real_sae_reconstructs_better_than_a_random_one(shared, tmp_path):
+    _, cfg, data = shared
+    emb = get_embedder(_sides(cfg)[0].embed)
+    windows = [ids[:128] for ids in emb.host.tokenize(data["comments"]["texts"][:24])]
+    real = core_probe(emb, windows).metrics["sae"]
+    random = get_embedder(EmbedConfig(cache=False, sae=str(random_sae(tmp_path / "r", d_sae=4096, k=32))))
+    rand = core_probe(random, windows).metrics["sae"]
+    assert real["l0"] == pytest.approx(32) and 0 <= real["dead_fraction"] <= 1 and 0 <= real["dense_fraction"] <= 1
+    assert real["explained_variance"] > 0.5 > rand["explained_variance"], (real, rand)
+
+
+def test_probe_sae_end_to_end_logs_a_parent_and_a_child_per_probe(shared):
+    overrides, cfg, _ = shared
+    table = probe_sae(cfg)
+    assert {"toxicity: roc_auc", "scifact: ndcg_at_10", "earnings: cv_roc_auc", "core: l0"} <= set(table.index)
+    assert {"sae", "dense", "dense_last", "sentence", "sae-dense"} <= set(table.columns)
+    assert np.isnan(table.loc["core: l0", "dense"])  # the SAE's own metrics have no baseline
+    runs = mlflow.search_runs(experiment_names=["probe-sae"])
+    parent = runs[runs["tags.saefeat.role"] == "parent"]
+    assert len(parent) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]]
+    assert sorted(children["tags.mlflow.runName"]) == sorted(cfg.probes)
+    tox = children[children["tags.mlflow.runName"] == "toxicity"].iloc[0]
+    assert tox["metrics.sae/roc_auc"] == pytest.approx(table.loc["toxicity: roc_auc", "sae"])
+    client = mlflow.tracking.MlflowClient()
+    files = {f.path for f in client.list_artifacts(parent.run_id.iloc[0])}
+    assert {"probes.json", "sae_gap.png", "config.yaml"} <= files
+    assert parent["metrics.wall_seconds"].iloc[0] > 0
+
+
+def test_cli_runs_the_quick_suite(shared):
+    from typer.testing import CliRunner
+
+    from saefeat.cli import app
+
+    overrides, _, _ = shared
+    result = CliRunner().invoke(app, ["probe-sae", "--quick", *overrides, "probes=[core]"])
+    assert result.exit_code == 0, result.output
+    assert "core: explained_variance" in result.output and "wall time" in result.output

@@ -1,0 +1,172 @@
+"""The on-disk activation store and training from it: exact values, resumable writes and runs, BatchTopK and
+Matryoshka SAEs that load and encode with their learned threshold. Tiny real samples: minilm on a few thousand
+tokens of the shared corpus."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saefeat.sae.store as store_mod
+from saefeat import load_sae
+from saefeat.sae.activations import CorpusSource
+from saefeat.sae.store import ActivationStore, StoreConfig, StoreError, write_store
+from saefeat.sae.train import StoreTrainConfig, TrainingRunError, train_from_store
+
+
+def _sample(src: Path, dst: Path, n_docs: int, chars: int = 30_000) -> Path:
+    """The first documents of a shared corpus file, cut to `chars` (kept in the test's tmp folder only)."""
+    with gzip.open(src, "rt") as fh, open(dst, "w") as out:
+        for i, line in enumerate(fh):
+            if i == n_docs:
+                break
+            out.write(json.dumps({"text": json.loads(line)["text"][:chars]}) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def store_cfg(data_dir, tmp_path_factory) -> StoreConfig:
+    folder = tmp_path_factory.mktemp("corpus")
+    books = _sample(data_dir / "corpus" / "gutenberg_one_book_per_author.jsonl.gz", folder / "g.jsonl", 12)
+    calls = _sample(data_dir / "earnings" / "maec_transcripts_unlabeled.jsonl.gz", folder / "m.jsonl", 40)
+    sources = [CorpusSource(str(books)), CorpusSource(str(calls))]
+    return StoreConfig(layers=[3, 5], seq_len=64, train_tokens=3000, eval_tokens=600, shard_windows=12,
+                       batch_windows=6, held_out_every=5, precision="bf16", sources=sources)
+
+
+@pytest.fixture(scope="module")
+def store(minilm, store_cfg, tmp_path_factory) -> ActivationStore:
+    return write_store(minilm, store_cfg, tmp_path_factory.mktemp("stores") / "s", show_progress_bar=False)
+
+
+def test_store_holds_the_hosts_residuals_in_fp16(minilm, store, store_cfg):
+    assert store.layers == [3, 5] and store.d_model == 384 and store.seq_len == 64
+    assert store.train_tokens >= 3000 and len(store.shards) >= 3 and store.manifest["complete"]
+    assert store.identity["host_fingerprint"] == minilm.fingerprint
+    assert store.verify() == []
+    for index in (0, None):  # a training shard and the held-out slice
+        windows = store.windows(index)
+        assert all(0 < len(w) <= 64 for w in windows)
+        for layer in (3, 5):
+            got = store.shard(index, layer) if index is not None else store.eval_activations(layer)
+            want = []
+            for i in range(0, len(windows), store_cfg.batch_windows):  # the batches the writer ran
+                part = windows[i:i + store_cfg.batch_windows]
+                ids, att = minilm.pad_batch([minilm.wrap(w)[0] for w in part])
+                keep = torch.zeros_like(att, dtype=torch.bool)
+                for j, w in enumerate(part):
+                    keep[j, 1:1 + len(w)] = True  # [CLS] content [SEP]
+                want.append(minilm.residual(ids, att, layer, precision="bf16")[keep].half().numpy())
+            assert got.dtype == np.float16
+            np.testing.assert_array_equal(np.asarray(got), np.concatenate(want))
+
+
+def test_reader_shuffles_each_epoch_and_resumes_at_any_batch(store):
+    everything = np.concatenate([np.asarray(store.shard(i, 5)) for i in range(len(store.shards))])
+    n = store.train_tokens
+    epochs = store.batches(5, n, seed=3, group_shards=2)
+    first, second = next(epochs), next(epochs)
+    rows = sorted(r.tobytes() for r in everything)
+    for epoch in (first, second):  # every token once per epoch
+        assert sorted(r.tobytes() for r in epoch) == rows
+    assert not np.array_equal(first, second) and not np.array_equal(first, everything)
+    stream = store.batches(5, 512, seed=3)
+    batches = [next(stream) for _ in range(14)]  # runs past the end of the first epoch
+    resumed = store.batches(5, 512, seed=3, start=5)
+    for b in batches[5:]:
+        np.testing.assert_array_equal(next(resumed), b)
+    assert not np.array_equal(next(store.batches(5, 512, seed=4)), batches[0])
+
+
+def test_interrupted_write_resumes_to_the_same_store(minilm, store, store_cfg, tmp_path, monkeypatch):
+    real = store_mod.capture_layers
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # a few shards in (two forward batches per shard)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "capture_layers", interrupted)
+    folder = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        write_store(minilm, store_cfg, folder, show_progress_bar=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert not manifest["complete"] and 1 <= len(manifest["shards"]) < len(store.shards)
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(folder)
+    kept = {rec["name"]: (folder / rec["name"] / "L5.npy").stat().st_mtime_ns for rec in manifest["shards"]}
+    monkeypatch.setattr(store_mod, "capture_layers", real)
+    resumed = write_store(minilm, store_cfg, folder, show_progress_bar=False)
+    assert resumed.fingerprint == store.fingerprint  # the same windows, values and checksums
+    assert resumed.shards == store.shards and resumed.manifest["eval"] == store.manifest["eval"]
+    assert all((folder / name / "L5.npy").stat().st_mtime_ns == t for name, t in kept.items())  # not rewritten
+    other = StoreConfig(**{**store_cfg.__dict__, "seq_len": 32})
+    with pytest.raises(StoreError, match="seq_len"):
+        write_store(minilm, other, folder, show_progress_bar=False)
+
+
+def _recipe(arch: str, **kw) -> StoreTrainConfig:
+    base = dict(layer=5, architecture=arch, d_sae=512, k=4, epochs=2, batch_size=256, lr=1e-3, warmup_steps=2,
+                dead_tokens=512, checkpoint_every=4, log_every=2, eval_every=6, eval_tokens=256)
+    return StoreTrainConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("arch", ["topk", "matryoshka"])
+def test_interrupted_training_resumes_to_the_same_weights(store, tmp_path, arch):
+    cfg = _recipe(arch)
+    seen: list[dict] = []
+    _, whole_metrics, whole = train_from_store(store, cfg, tmp_path / "whole", log=lambda m, _: seen.append(m),
+                                               half=False, show_progress_bar=False)
+    assert any(m.get("aux_loss", 0) > 0 for m in seen)  # AuxK ran on dead latents
+    lines: list[dict] = []
+
+    def stop_at_10(stats, step):
+        lines.append(stats)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_from_store(store, cfg, tmp_path / "cut", log=stop_at_10, half=False, show_progress_bar=False)
+    assert not (tmp_path / "cut" / "sae").exists()
+    assert {"explained_variance", "l0", "dead_fraction", "aux_loss", "tokens_per_s"} <= set(lines[0])
+    assert "eval_explained_variance" in lines[2]  # step 6
+    # resumes from the step-8 checkpoint, with other logging settings (they never change the weights)
+    _, metrics, cut = train_from_store(store, _recipe(arch, log_every=3), tmp_path / "cut", half=False,
+                                       show_progress_bar=False)
+    a, b = load_file(str(whole / "sae.safetensors")), load_file(str(cut / "sae.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:  # bit-identical: the same batches, and every piece of optimiser state restored exactly
+        assert torch.equal(a[name], b[name]), name
+    assert metrics["explained_variance"] == whole_metrics["explained_variance"]
+    with pytest.raises(TrainingRunError):
+        train_from_store(store, _recipe(arch, lr=2e-3), tmp_path / "cut", show_progress_bar=False)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_saes_load_and_encode_with_the_learned_threshold(store, tmp_path, arch):
+    _, metrics, out = train_from_store(store, _recipe(arch, epochs=3), tmp_path / arch, show_progress_bar=False)
+    sae = load_sae(out)
+    assert sae.cfg.architecture == "batchtopk" and sae.cfg.extra["trained_as"] == arch
+    assert sae.cfg.layer == 5 and sae.cfg.host == "minilm" and sae.cfg.context_size == 64
+    if arch == "matryoshka":
+        assert sae.cfg.extra["matryoshka_prefixes"] == [32, 64, 128, 256, 512]
+    threshold = sae.threshold
+    assert float(threshold.min()) == float(threshold.max()) > 0  # one global threshold
+    assert float(threshold[0]) == pytest.approx(metrics["threshold"], rel=1e-3)  # saved in fp16
+    assert not sae.is_topk
+    x = torch.from_numpy(np.array(store.eval_activations(5), dtype=np.float32))
+    z = sae.encode(x)
+    pre = sae.pre_acts(x)
+    torch.testing.assert_close(z, torch.relu(pre) * (pre > threshold))
+    per_token = (z > 0).sum(-1).float()
+    assert per_token.std() > 0  # a threshold, not a per-token top k
+    assert per_token.mean().item() == pytest.approx(metrics["l0"], abs=0.5)  # metrics: the fp32 SAE
+    assert 0.3 * 4 < metrics["l0"] < 3 * 4
