@@ -37,8 +37,9 @@ interop-venv: $(INTEROP_STAMP)
 run: setup
 	$(VENV)/bin/saefeat run
 
-# the suite, then the top-k tests again without the C kernel (CI runs this with SAEFEAT_REQUIRE_DATA=1, see .ci/run)
-test: setup
+# the suite (with the sae-lens/sparsify interop venv), then the top-k tests again without the C kernel (CI runs this
+# with SAEFEAT_REQUIRE_DATA=1 SAEFEAT_REQUIRE_INTEROP=1, see .ci/run)
+test: setup interop-venv
 	$(VENV)/bin/pytest -q
 	$(MAKE) --no-print-directory test-portable
 

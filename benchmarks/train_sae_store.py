@@ -1,4 +1,4 @@
-"""Write an activation store and train one SAE variant from it, as a recipe of configs/train/ says.
+"""Write an activation store and train one SAE variant from it, as a recipe of configs/train/store/ says.
 
     python benchmarks/train_sae_store.py minilm-topk-16k [key=value ...] [--store-only] [--device cpu]
 
@@ -44,11 +44,11 @@ def cpu_flags() -> str:
 
 def load_recipe(name: str, overrides: list[str]) -> DictConfig:
     """The variant recipe with its store recipe under `store`, `data_dir` from base.yaml, overrides applied."""
-    variant = read_config("train", f"{name}.yaml")
+    variant = read_config("train", "store", f"{name}.yaml")
     store_name = str(variant.store)
     base = read_config("base.yaml")
-    cfg = OmegaConf.merge({"data_dir": base.data_dir}, variant, {"store": read_config("train", f"{store_name}.yaml")},
-                          {"store_recipe": store_name})
+    store = read_config("train", "store", f"{store_name}.yaml")
+    cfg = OmegaConf.merge({"data_dir": base.data_dir}, variant, {"store": store}, {"store_recipe": store_name})
     cfg = apply_overrides(cfg, parse_overrides(overrides))
     OmegaConf.resolve(cfg)
     return cfg
@@ -56,7 +56,7 @@ def load_recipe(name: str, overrides: list[str]) -> DictConfig:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", help="variant recipe in configs/train/, e.g. minilm-topk-16k")
+    ap.add_argument("recipe", help="variant recipe in configs/train/store/, e.g. minilm-topk-16k")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the combined recipe")
     ap.add_argument("--store-only", action="store_true", help="write the store, do not train")
     ap.add_argument("--device", default="cpu", help="device of the host pass and of training (cpu, cuda)")

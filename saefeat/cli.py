@@ -12,6 +12,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from saefeat.errors import SaefeatError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="SAE features as document representations. Commands take key=value overrides.")
@@ -20,17 +23,18 @@ Overrides = typer.Argument(None, help="config overrides, e.g. model=smollm2 embe
 
 
 def _friendly(fn):
-    """Show bad-input errors as one clear line instead of a traceback (SAEFEAT_DEBUG=1 keeps it)."""
+    """Show saefeat's own errors (bad input: a file, row, field or key) as one line instead of a traceback
+    (SAEFEAT_DEBUG=1 keeps it); anything else is a bug and raises with its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        except SaefeatError as e:
             if os.environ.get("SAEFEAT_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper

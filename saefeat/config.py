@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from saefeat.device import resolve_device
 from saefeat.embed.config import BaselineConfig, EmbedConfig
 from saefeat.errors import SaefeatError
 
@@ -155,7 +156,13 @@ def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from e
-    embed_config(cfg), baseline_config(cfg)  # value checks (ranges, choices) before any model work
+    e = embed_config(cfg)  # value checks (ranges, choices, the device) before any model work
+    baseline_config(cfg)
+    if e.device is not None:
+        try:
+            resolve_device(e.device)
+        except SaefeatError as err:
+            raise ConfigError(f"embed.device: {err}") from err
     return cfg
 
 

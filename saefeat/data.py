@@ -8,11 +8,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
+from pyarrow import ArrowInvalid
+
+from saefeat.errors import SaefeatError
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(SaefeatError):
     """Bad input data; the message names the file, the row and the field."""
 
 
@@ -27,6 +30,8 @@ def _kind(path: Path) -> str:
 def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a CSV/TSV/JSONL/Parquet file into a DataFrame; missing `columns` raise a DataError naming them."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a table file ({', '.join(SUFFIXES)})")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     kind = _kind(path)
@@ -40,6 +45,10 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
             df = pd.DataFrame(list(iter_jsonl(path)))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 text ({e})") from e
+    except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError, ArrowInvalid) as e:
+        raise DataError(f"{path}: unreadable {kind} file ({type(e).__name__}: {e})") from e
+    if df.empty and not len(df.columns):
+        raise DataError(f"{path}: no columns and no rows")
     if columns:
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -82,6 +91,8 @@ def check_texts(texts: Sequence[object], source: str = "input", field: str = "te
             bad.append(f"row {i}: {type(t).__name__}, not a string")
         elif not allow_empty and not t.strip():
             bad.append(f"row {i}: empty or whitespace only")
+        elif not _encodable(t):
+            bad.append(f"row {i}: invalid Unicode (a lone surrogate)")
         else:
             out.append(t)
             continue
@@ -92,11 +103,26 @@ def check_texts(texts: Sequence[object], source: str = "input", field: str = "te
     return out
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_texts(path: str | Path, text_field: str = "text", id_field: str | None = None,
                allow_empty: bool = True) -> tuple[list[str], list[str]]:
     """Texts and row ids from a table file (ids default to the row number)."""
     cols = [text_field] + ([id_field] if id_field else [])
     df = read_table(path, cols)
     texts = check_texts(df[text_field].tolist(), source=str(path), field=text_field, allow_empty=allow_empty)
+    if not texts:
+        raise DataError(f"{path}: no rows (only a header?)")
     ids = df[id_field].astype(str).tolist() if id_field else [str(i) for i in range(len(df))]
+    if id_field and len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = [(i, x) for i, x in enumerate(ids) if x in seen or seen.add(x)]
+        raise DataError(f"{path}, field {id_field!r}: duplicate ids, e.g. row {dup[0][0]}: {dup[0][1]!r} "
+                        f"({len(dup)} duplicates)")
     return texts, ids

@@ -9,12 +9,20 @@ from dataclasses import dataclass
 
 import torch
 
+from saefeat.errors import SaefeatError
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """Return `device` as a torch.device, or CUDA when available, else CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SaefeatError(f"device={device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SaefeatError(f"device={device!r} was asked for, but CUDA is not available on this machine")
+    return dev
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -57,11 +65,11 @@ def resolve_runtime(device: torch.device, precision: str = "auto", backend: str 
     `int8` means ONNX Runtime; `bf16` means torch.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise SaefeatError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise SaefeatError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device.type != "cpu" and (backend == "onnx" or precision == "int8"):
-        raise ValueError(f"backend=onnx and precision=int8 run on CPU only; on {device.type} use backend=torch "
+        raise SaefeatError(f"backend=onnx and precision=int8 run on CPU only; on {device.type} use backend=torch "
                          "with precision bf16 or fp32")
     if backend == "auto":
         fast_cpu_path = precision == "auto" and device.type == "cpu" and not cpu_has_native_bf16() \
@@ -69,14 +77,14 @@ def resolve_runtime(device: torch.device, precision: str = "auto", backend: str 
         backend = "onnx" if precision == "int8" or fast_cpu_path else "torch"
     if backend == "onnx":
         if not onnxruntime_available():
-            raise ValueError("backend=onnx needs onnxruntime (pip install onnxruntime onnx)")
+            raise SaefeatError("backend=onnx needs onnxruntime (pip install onnxruntime onnx)")
         if not onnx_capable:
-            raise ValueError("backend=onnx supports encoder hosts only (BERT-style); use backend=torch")
+            raise SaefeatError("backend=onnx supports encoder hosts only (BERT-style); use backend=torch")
         if precision == "bf16":
-            raise ValueError("backend=onnx runs fp32 or int8, not bf16; use backend=torch for bf16")
+            raise SaefeatError("backend=onnx runs fp32 or int8, not bf16; use backend=torch for bf16")
         return Runtime("onnx", "int8" if precision == "auto" else precision)
     if precision == "int8":
-        raise ValueError("precision=int8 runs on backend=onnx (ONNX Runtime's int8 kernels), not torch")
+        raise SaefeatError("precision=int8 runs on backend=onnx (ONNX Runtime's int8 kernels), not torch")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     return Runtime("torch", precision)

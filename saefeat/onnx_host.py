@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from saefeat.atomic import atomic_write
+from saefeat.errors import SaefeatError
 from saefeat.hosts import HostModel
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _owner_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
         for name, child in module.named_children():
             if child is target:
                 return module, name
-    raise ValueError("the host's block list is not a child of its model")
+    raise SaefeatError("the host's block list is not a child of its model")
 
 
 def export_path(host: HostModel, layer: int, precision: str, root: Path) -> Path:
@@ -79,9 +80,9 @@ def export_truncated(host: HostModel, layer: int, precision: str, target: Path, 
     """Export the host up to block `layer` (and quantize it for int8) to `target`, atomically. int8 quantizes the
     cached fp32 export, exported first where missing (or again with `fresh_source`)."""
     if precision not in ONNX_PRECISIONS:
-        raise ValueError(f"ONNX export precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
+        raise SaefeatError(f"ONNX export precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
     if not onnx_capable(host):
-        raise ValueError(f"backend=onnx supports encoder hosts; {host.name} is a causal LM (use backend=torch)")
+        raise SaefeatError(f"backend=onnx supports encoder hosts; {host.name} is a causal LM (use backend=torch)")
     host.check_layer(layer)
     ids, att = host.pad_batch([host.wrap(list(range(1000, 1008)))[0], host.wrap(list(range(1000, 1004)))[0]])
     module = _Truncated(host, layer).eval()

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from saefeat.errors import SaefeatError
+
 TaskFn = Callable[[Any], dict]
 GROUP = "saefeat.tasks"
 
@@ -58,6 +60,6 @@ def get_task(name: str) -> TaskFn:
     """The `run(cfg)` function of a task; an unknown name lists the valid ones."""
     tasks = available_tasks()
     if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(tasks))}")
+        raise SaefeatError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(tasks))}")
     module, _, fn = tasks[name].partition(":")
     return getattr(importlib.import_module(module), fn or "run")

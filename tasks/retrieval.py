@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from saefeat.config import baseline_config, embed_config
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun
 from saefeat.explain.report import log_latent_report
 from saefeat.retrieval.evaluation import load_beir, per_query_scores, retrieval_report, subset, to_run
@@ -67,7 +68,7 @@ def run(cfg: DictConfig) -> dict:
     reps = list(cfg.representations)
     unknown = [r for r in reps if r not in REPRESENTATIONS]
     if unknown:
-        raise ValueError(f"representations {unknown} are not valid for task retrieval; valid: {REPRESENTATIONS}")
+        raise SaefeatError(f"representations {unknown} are not valid for task retrieval; valid: {REPRESENTATIONS}")
     d = cfg.data
     data = subset(load_beir(d.path, d.split), d.max_queries, d.max_docs, int(cfg.seed))
     qids, queries = list(data.queries), list(data.queries.values())

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saefeat.config import baseline_config, embed_config
 from saefeat.data import DataError, read_table
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun
 from saefeat.explain.report import log_latent_report
 from saefeat.representations import make_representation
@@ -64,9 +65,9 @@ def _check_config(cfg: DictConfig, schema: TableSchema) -> None:
                    ("encode.n_per_concept", e.n_per_concept), ("synth.n_rows", s.n_rows),
                    ("augment.n_rows", cfg.augment.n_rows), ("synth.epochs", s.epochs)):
         if v is not None and int(v) < 1:
-            raise ValueError(f"{key} must be a positive number of rows/epochs, got {v}")
+            raise SaefeatError(f"{key} must be a positive number of rows/epochs, got {v}")
     if s.method not in METHODS:
-        raise ValueError(f"synth.method={s.method!r}; valid: {', '.join(METHODS)}")
+        raise SaefeatError(f"synth.method={s.method!r}; valid: {', '.join(METHODS)}")
     if CLUSTER_COLUMN in schema.types:
         raise DataError(f"{cfg.data.path}: the table already has a column {CLUSTER_COLUMN!r}, which this task adds")
 

@@ -9,6 +9,7 @@ from sklearn.feature_selection import SelectKBest, chi2
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
+from saefeat.commands.embed import read_ids
 from saefeat.data import DataError
 from saefeat.embed.config import EmbedConfig
 from saefeat.embed.embedder import SAEEmbedder
@@ -217,9 +218,44 @@ def test_embed_cli_writes_npz_and_ids(sae_path, tmp_path):
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(load_sparse(exact).toarray(), direct.toarray())
     assert exact.stat().st_size > out.stat().st_size
-    assert out.with_suffix(".ids.txt").read_text().split() == ["a", "b"]
-    bad = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=text", f"output={out}"])
+    assert read_ids(out) == ["a", "b"]
+    bad = CliRunner().invoke(app, ["embed", f"input={src}", "text_field=text", f"output={tmp_path / 'new.npz'}"])
     assert bad.exit_code == 2 and "missing column" in bad.output
+
+
+def test_embed_cli_refuses_bad_outputs_and_ids_before_embedding(sae_path, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import saefeat.commands.embed as command
+    from saefeat.cli import app
+
+    src = tmp_path / "corpus.jsonl"
+    src.write_text('{"id": "line\\nbreak", "body": "first doc"}\n{"id": "b", "body": "second document here"}\n')
+    out = tmp_path / "emb.npz"
+    out.write_bytes(b"the user's own file")
+    run = lambda *extra: CliRunner().invoke(app, ["embed", f"input={src}", "text_field=body", "id_field=id",  # noqa: E731
+                                                 f"sae={sae_path}", *extra])
+    monkeypatch.setattr(command, "make_representation", lambda *a: pytest.fail("embedding started"))
+    res = run(f"output={out}")
+    assert res.exit_code == 2 and "exists; pass overwrite=true" in res.output
+    assert out.read_bytes() == b"the user's own file"
+    for extra, message in ((f"output={tmp_path}", "is a folder"), (f"output={tmp_path / 'x.csv'}", "must end in .npz"),
+                           (f"output={tmp_path / 'y.npz'} value_dtype=int8", "value_dtype must be one of")):
+        res = run(*extra.split())
+        assert res.exit_code == 2 and message in res.output, res.output
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a", "body": "x"}\n{"id": "a", "body": "y"}\n')
+    res = CliRunner().invoke(app, ["embed", f"input={dup}", "text_field=body", "id_field=id",
+                                   f"output={tmp_path / 'd.npz'}"])
+    assert res.exit_code == 2 and "duplicate ids" in res.output and "row 1" in res.output
+    header = tmp_path / "header.csv"
+    header.write_text("text\n")
+    res = CliRunner().invoke(app, ["embed", f"input={header}", f"output={tmp_path / 'h.npz'}"])
+    assert res.exit_code == 2 and "no rows" in res.output
+    monkeypatch.undo()
+    res = run(f"output={out}", "overwrite=true")
+    assert res.exit_code == 0, res.output
+    assert read_ids(out) == ["line\nbreak", "b"]  # an id with a newline stays one id of one row
 
 
 def test_one_pass_fills_sae_and_dense_caches(sae_path, tmp_path, monkeypatch):

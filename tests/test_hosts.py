@@ -52,3 +52,16 @@ def test_default_window_is_the_trained_length(minilm, smollm2):
     wrapped, _ = minilm.wrap(ids[:minilm.default_window])
     assert len(wrapped) == 256
     assert smollm2.trained_length is None and smollm2.default_window == smollm2.window_capacity
+
+
+def test_nested_hooks_capture_two_points_in_one_forward(minilm):
+    batch = minilm.batch(minilm.tokenize(["The quarter closed with record revenue."]))
+    with minilm.hook(2) as early, minilm.hook(4, stop=True) as late:
+        minilm.forward(batch, "fp32")
+    assert early.value is not None and late.value is not None and not torch.equal(early.value, late.value)
+    ref = minilm.residual(batch.input_ids, batch.attention_mask, 2, "fp32")
+    torch.testing.assert_close(early.value.float(), ref, rtol=0, atol=0)
+    assert minilm._captures == []  # both hooks are gone
+    with minilm.hook(3, "input", stop=True) as pre:  # block 3's input is block 2's output
+        minilm.forward(batch, "fp32")
+    torch.testing.assert_close(pre.value.float(), ref, rtol=0, atol=0)

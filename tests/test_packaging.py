@@ -105,7 +105,7 @@ def test_installed_copy_embeds_from_another_folder(installed, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     X = load_sparse(out)
     assert X.shape[0] == 3 and all(X[i].nnz > 0 for i in range(3))
-    assert out.with_suffix(".ids.txt").read_text().split() == ["0", "1", "2"]
+    assert [json.loads(x) for x in out.with_suffix(".ids.jsonl").read_text().splitlines()] == ["0", "1", "2"]
 
 
 def test_configs_come_from_the_package_not_the_working_directory(tmp_path, monkeypatch):

@@ -164,7 +164,7 @@ def test_a_corrupt_index_is_refused(index, tmp_path):
         SAEIndex.load(tmp_path / "missing")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not an saefeat index"):
+    with pytest.raises(ValueError, match="not a saefeat index"):
         index.save(tmp_path / "notes")
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from saefeat.config import embed_config, load_config
 from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.vectorizers import get_embedder
+from saefeat.errors import MissingFileError, SaefeatError
 from saefeat.explain.build import build_cards
 from saefeat.explain.corpus import default_corpus, file_corpus
 from saefeat.explain.render import card_panel
@@ -33,7 +34,7 @@ def make_embedder(cfg: DictConfig) -> SAEEmbedder:
 def describe_latents(cfg: DictConfig) -> LatentStore:
     """Build (or resume) the latent cards of the configured SAE, then optionally add LLM labels."""
     if cfg.labels.llm not in (None, "local", "openai"):  # checked before any expensive work
-        raise ValueError(f"labels.llm must be null, 'local' or 'openai', got {cfg.labels.llm!r}")
+        raise SaefeatError(f"labels.llm must be null, 'local' or 'openai', got {cfg.labels.llm!r}")
     if cfg.corpus == "default":
         n = cfg.n_docs or 400
         texts, sources = default_corpus(cfg.data_dir, n, cfg.passage_chars, cfg.seed)
@@ -76,11 +77,11 @@ def _store_for(cfg: DictConfig) -> LatentStore:
 def explain(cfg: DictConfig) -> None:
     """`latent=N`: print its card; `text=...`: the latents firing on each token, with their labels."""
     if (cfg.latent is None) == (cfg.text is None):
-        raise ValueError('give exactly one of latent=N or text="..." (e.g. saefeat explain latent=12)')
+        raise SaefeatError('give exactly one of latent=N or text="..." (e.g. saefeat explain latent=12)')
     if cfg.latent is not None:
         store = _store_for(cfg)
         if not store.exists or not store.meta.get("docs_done"):
-            raise FileNotFoundError(f"no latent cards for this SAE ({store.path}); build them with "
+            raise MissingFileError(f"no latent cards for this SAE ({store.path}); build them with "
                                     f"`saefeat describe-latents embed.model={cfg.embed.model} sae={cfg.embed.sae}`")
         if not store.complete:
             console.print(f"[yellow]cards are partial ({store.meta['docs_done']} of {store.meta['n_docs']} "

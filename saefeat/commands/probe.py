@@ -194,8 +194,10 @@ class ProbeRun(TaskRun):
                 e = self.cfg.embed
                 if not console.is_terminal:  # logs and pipes: eight columns of `value [lo, hi]` in one line each
                     console.width = max(console.width, 200)
-                print_table(_blank_missing(table), f"{self.name}: SAE {e.sae} on {e.model} ({e.pooling} pooling), "
-                                                   f"{len(self.results)} probes in {_clock(wall)} wall time", console)
+                print_table(_blank_missing(table), f"{self.name}: SAE {e.sae} on {e.model} ({e.pooling} pooling)",
+                            console)
+                n = len(self.results)
+                console.print(f"{self.name}: {n} probe{'s' * (n != 1)} in {_clock(wall)} wall time")
         finally:
             self._stack.__exit__(*exc)
 
@@ -223,6 +225,9 @@ def plot_gaps(table: pd.DataFrame):
         err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(0)
         ax.bar(np.arange(len(rows)) + j * width, vals, width, yerr=err, capsize=3, label=col.replace("-", " − "),
                color=("#d62728", "#1f77b4")[j])
+    if not len(rows):
+        ax.text(0.5, 0.5, "no probe with a baseline", ha="center", va="center", transform=ax.transAxes)
+        return fig
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(rows)) + width * (len(gaps) - 1) / 2, rows, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("SAE minus baseline")

@@ -11,11 +11,19 @@ from rich.table import Table
 
 from saefeat.config import apply_overrides, baseline_config, embed_config, parse_overrides, read_config
 from saefeat.data import DataError, check_texts, load_texts, read_table
+from saefeat.errors import MissingFileError, OutputExistsError, SaefeatError
 from saefeat.retrieval.index import Hit, SAEIndex
+from saefeat.retrieval.store import is_index_folder
 
 
 def index_file(cfg: DictConfig) -> SAEIndex:
     """Read `cfg.input`, build an index with the configured host, SAE and pooling, save it to `cfg.output`."""
+    out = Path(cfg.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # checked before any embedding
+        if not is_index_folder(out):
+            raise OutputExistsError(f"output={out} exists and is not a saefeat index; choose another folder")
+        if not cfg.overwrite:
+            raise OutputExistsError(f"output={out} already holds an index; pass overwrite=true to replace it")
     texts, ids = load_texts(cfg.input, cfg.text_field, cfg.id_field)
     if cfg.title_field:
         titles = read_table(cfg.input, [cfg.title_field])[cfg.title_field].fillna("").astype(str).tolist()
@@ -45,7 +53,7 @@ def read_examples(path: str | Path, text_field: str = "text") -> list[str]:
     """Example texts: a .txt file holds one per line (blank lines skipped); tables are read by column."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"examples file not found: {path}")
+        raise MissingFileError(f"examples file not found: {path}")
     if path.suffix.lower() == ".txt":
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         texts = [ln for ln in lines if ln]
@@ -65,14 +73,14 @@ def parse_latents(value: object) -> list[int]:
     try:
         return [int(x) for x in items if str(x) != ""]
     except ValueError as e:
-        raise ValueError(f"exclude must list latent ids, e.g. exclude=12,40; got {value!r}") from e
+        raise SaefeatError(f"exclude must list latent ids, e.g. exclude=12,40; got {value!r}") from e
 
 
 def run_search(path: str | Path, overrides: Sequence[str], console: Console | None = None) -> list[Hit]:
     """`saefeat search idx/ query=...` / `examples=...`: print the ranked hits with the latents that matched."""
     cfg = search_config(overrides)
     if sum(x is not None for x in (cfg.query, cfg.examples, cfg.description)) != 1:
-        raise ValueError("give exactly one of query=\"...\", examples=FILE or description=\"...\"")
+        raise SaefeatError("give exactly one of query=\"...\", examples=FILE or description=\"...\"")
     exclude = parse_latents(cfg.exclude)
     positives = read_examples(cfg.examples, cfg.text_field) if cfg.examples else None
     negatives = read_examples(cfg.negatives, cfg.text_field) if cfg.negatives else None
@@ -81,7 +89,7 @@ def run_search(path: str | Path, overrides: Sequence[str], console: Console | No
     if cfg.description is not None:
         prop = index.describe(str(cfg.description), n_latents=int(cfg.n_latents), exclude_latents=exclude)
         if len(prop) == 0:
-            raise ValueError(f"no latent label is close to {str(cfg.description)!r}")
+            raise SaefeatError(f"no latent label is close to {str(cfg.description)!r}")
         console.print("property from the description: latents (similarity) "
                       + ", ".join(f"{j} ({w:.2f})" for j, w in zip(prop.latents.tolist(), prop.weights.tolist())))
         hits = index.search_property(prop, k=int(cfg.k), explain=int(cfg.explain))
@@ -90,7 +98,7 @@ def run_search(path: str | Path, overrides: Sequence[str], console: Console | No
         prop = index.property(positives, negatives, n_latents=int(cfg.n_latents), min_support=float(cfg.min_support),
                               exclude_latents=exclude)
         if len(prop) == 0:
-            raise ValueError(f"no latent separates the {len(positives)} examples from the corpus; add examples or "
+            raise SaefeatError(f"no latent separates the {len(positives)} examples from the corpus; add examples or "
                              f"lower min_support (now {cfg.min_support})")
         latents = ", ".join(f"{j} ({w:.1f})" for j, w in zip(prop.latents.tolist(), prop.weights.tolist()))
         console.print(f"property from {len(positives)} examples: latents (log-odds) {latents}")

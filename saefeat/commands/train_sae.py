@@ -8,7 +8,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from saefeat.config import to_dict
-from saefeat.errors import SaefeatError
+from saefeat.errors import MissingFileError, SaefeatError
 from saefeat.hosts import load_host
 from saefeat.sae.activations import CorpusSource
 from saefeat.sae.formats import DEFAULTS_DIR, SAEFEAT_META, save_sae
@@ -54,7 +54,7 @@ def run_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
     out = output_folder(cfg, tc)  # checked before any training
     for s in tc.sources:
         if not Path(s.path).is_file():
-            raise FileNotFoundError(f"training corpus not found: {s.path} (set data_dir= or data.sources)")
+            raise MissingFileError(f"training corpus not found: {s.path} (set data_dir= or data.sources)")
     model = str(cfg.embed.model)
     host = load_host(model, device=cfg.embed.device)
     name = f"{model}-L{tc.layer}-topk{tc.k}-{tc.d_sae}"

@@ -10,6 +10,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 
 from saefeat.detox.steering import VectorSteering
 from saefeat.embed.embedder import SAEEmbedder
+from saefeat.errors import SaefeatError
 
 
 def diff_in_means(embedder: SAEEmbedder, texts: Sequence[str], labels: Sequence[int], alpha: float = 1.0,
@@ -20,7 +21,7 @@ def diff_in_means(embedder: SAEEmbedder, texts: Sequence[str], labels: Sequence[
     """
     y = np.asarray(labels).astype(int)
     if len(np.unique(y)) < 2:
-        raise ValueError("a difference in means needs toxic (1) and non-toxic (0) texts")
+        raise SaefeatError("a difference in means needs toxic (1) and non-toxic (0) texts")
     dense = embedder.encode_dense(list(texts), pooling="mean", batch_size=batch_size)
     vector = dense[y == 0].mean(0) - dense[y == 1].mean(0)
     return VectorSteering(torch.from_numpy(vector), embedder.layer, alpha)

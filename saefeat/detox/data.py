@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from saefeat.data import DataError, check_texts, iter_jsonl, read_table
+from saefeat.errors import SaefeatError
 
 T = TypeVar("T")
 
@@ -48,7 +49,7 @@ def load_prompts(path: str | Path) -> list[str]:
 def natural_rate_subsample(y: np.ndarray, rate: float, seed: int = 0) -> np.ndarray:
     """Row indices that keep every negative and as many positives as give a positive share of `rate`."""
     if not 0 < rate < 1:
-        raise ValueError(f"the toxic rate must be in (0, 1), got {rate}")
+        raise SaefeatError(f"the toxic rate must be in (0, 1), got {rate}")
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     n_pos = round(len(neg) * rate / (1 - rate))
     if n_pos > len(pos):  # too few positives: keep them all and drop negatives instead

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from saefeat.detox.filter import ToxicityFilter
 from saefeat.detox.generation import Generations, generate
 from saefeat.detox.steering import Intervention, steer
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.metrics import bootstrap
 from saefeat.hosts import HostModel
 
@@ -118,7 +119,7 @@ def evaluate_conditions(host: HostModel, conditions: Sequence[Condition], prompt
     Returns (table indexed by condition, generations, scores[condition][scorer]).
     """
     if not conditions:
-        raise ValueError("no conditions to evaluate")
+        raise SaefeatError("no conditions to evaluate")
     rows: dict[str, dict[str, float]] = {}
     gens: dict[str, Generations] = {}
     scores: dict[str, dict[str, np.ndarray]] = {}

@@ -15,6 +15,7 @@ from rich.text import Text
 from saefeat.detox.baselines import bad_words_ids, diff_in_means
 from saefeat.detox.evaluate import Condition, ProfanityCheckScorer, TfidfToxicityScorer
 from saefeat.detox.steering import SAELatentClamp
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import print_table
 from saefeat.evaluation.metrics import classification_report
 
@@ -32,23 +33,23 @@ def check_settings(representations: Sequence[str], valid_representations: Sequen
     """
     bad = [r for r in representations if r not in valid_representations]
     if bad:
-        raise ValueError(f"representations: unknown {bad}; valid: {', '.join(valid_representations)}")
+        raise SaefeatError(f"representations: unknown {bad}; valid: {', '.join(valid_representations)}")
     if filter_target not in ("precision", "recall"):
-        raise ValueError(f"filter.target must be 'precision' or 'recall', got {filter_target!r}")
+        raise SaefeatError(f"filter.target must be 'precision' or 'recall', got {filter_target!r}")
     if not 0 < float(filter_target_value) <= 1:
-        raise ValueError(f"filter.target_value must be in (0, 1], got {filter_target_value}")
+        raise SaefeatError(f"filter.target_value must be in (0, 1], got {filter_target_value}")
     if not (calib_fraction > 0 and val_fraction > 0 and calib_fraction + val_fraction < 1):
-        raise ValueError("split.calib_fraction and split.val_fraction must be positive and sum to less than 1")
+        raise SaefeatError("split.calib_fraction and split.val_fraction must be positive and sum to less than 1")
     if not 0 < float(toxic_rate) < 1:
-        raise ValueError(f"split.toxic_rate must be in (0, 1), got {toxic_rate}")
+        raise SaefeatError(f"split.toxic_rate must be in (0, 1), got {toxic_rate}")
     for name, value in steering["tiers"].items():
         if not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"steering.tiers.{name} must be a number >= 0 (clamp to -value x mean activation)")
+            raise SaefeatError(f"steering.tiers.{name} must be a number >= 0 (clamp to -value x mean activation)")
     if steering["where"] not in ("all", "active"):
-        raise ValueError(f"steering.where must be 'all' or 'active', got {steering['where']!r}")
+        raise SaefeatError(f"steering.where must be 'all' or 'active', got {steering['where']!r}")
     for key in STEERING_COUNTS:
         if int(steering[key]) < 1:
-            raise ValueError(f"steering.{key} must be at least 1, got {steering[key]}")
+            raise SaefeatError(f"steering.{key} must be at least 1, got {steering[key]}")
 
 
 def filter_report(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_boot: int = 1000,

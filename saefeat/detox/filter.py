@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,9 +25,10 @@ from sklearn.metrics import roc_curve
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 
 import saefeat
+from saefeat.atomic import replace_dir
 from saefeat.data import check_texts
 from saefeat.embed.config import BaselineConfig, EmbedConfig
-from saefeat.errors import SaefeatError
+from saefeat.errors import MissingFileError, OutputExistsError, SaefeatError
 from saefeat.representations import REPRESENTATIONS, make_representation
 
 logger = logging.getLogger(__name__)
@@ -48,13 +48,13 @@ def choose_threshold(y_true: Sequence[int], scores: Sequence[float], precision: 
     threshold reaches the target precision, the most precise one is returned with a warning.
     """
     if (precision is None) == (recall is None):
-        raise ValueError("give exactly one of precision= or recall=")
+        raise SaefeatError("give exactly one of precision= or recall=")
     target = precision if precision is not None else recall
     if not 0 < target <= 1:
-        raise ValueError(f"the target must be in (0, 1], got {target}")
+        raise SaefeatError(f"the target must be in (0, 1], got {target}")
     y = np.asarray(y_true).astype(int)
     if len(np.unique(y)) < 2:
-        raise ValueError("choosing a threshold needs both toxic (1) and non-toxic (0) examples")
+        raise SaefeatError("choosing a threshold needs both toxic (1) and non-toxic (0) examples")
     fpr, tpr, thr = roc_curve(y, np.asarray(scores, dtype=float), drop_intermediate=False)
     pi = float(y.mean()) if prior is None else float(prior)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -96,23 +96,23 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
     # ---- fitting ---------------------------------------------------------------------------------
     def _check_settings(self) -> None:
         if self.representation not in REPRESENTATIONS:
-            raise ValueError(f"unknown representation {self.representation!r}; valid: {', '.join(REPRESENTATIONS)}")
+            raise SaefeatError(f"unknown representation {self.representation!r}; valid: {', '.join(REPRESENTATIONS)}")
         if self.target not in ("precision", "recall"):
-            raise ValueError(f"target must be 'precision' or 'recall', got {self.target!r}")
+            raise SaefeatError(f"target must be 'precision' or 'recall', got {self.target!r}")
 
     @staticmethod
     def _check_xy(texts: Sequence[str], labels: Sequence[int], what: str) -> tuple[list[str], np.ndarray]:
         if isinstance(texts, str):
-            raise ValueError(f"{what}: expected a list of texts, got a single string")
+            raise SaefeatError(f"{what}: expected a list of texts, got a single string")
         texts = check_texts(list(texts), source=what, field="texts")
         y = np.asarray(labels)
         if len(y) != len(texts):
-            raise ValueError(f"{what}: {len(texts)} texts but {len(y)} labels")
+            raise SaefeatError(f"{what}: {len(texts)} texts but {len(y)} labels")
         bad = np.flatnonzero(~np.isin(y, [0, 1]))
         if len(bad):
-            raise ValueError(f"{what}: labels must be 0/1; rows {bad[:10].tolist()} are not (e.g. {y[bad[0]]!r})")
+            raise SaefeatError(f"{what}: labels must be 0/1; rows {bad[:10].tolist()} are not (e.g. {y[bad[0]]!r})")
         if len(np.unique(y)) < 2:
-            raise ValueError(f"{what}: the labels hold one class only")
+            raise SaefeatError(f"{what}: the labels hold one class only")
         return texts, y.astype(int)
 
     def fit(self, texts: Sequence[str], labels: Sequence[int], calib_texts: Sequence[str] | None = None,
@@ -148,13 +148,13 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
     # ---- inference -------------------------------------------------------------------------------
     def _fitted(self) -> None:
         if not hasattr(self, "coef_"):
-            raise ValueError("this ToxicityFilter is not fitted; call fit() or ToxicityFilter.load()")
+            raise SaefeatError("this ToxicityFilter is not fitted; call fit() or ToxicityFilter.load()")
 
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix | np.ndarray:
         """The features the classifier reads."""
         self._fitted()
         if isinstance(texts, str):
-            raise ValueError("expected a list of texts, got a single string")
+            raise SaefeatError("expected a list of texts, got a single string")
         return self.representation_.transform(list(texts))
 
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
@@ -194,7 +194,7 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
     def _read_files(cls, folder: Path) -> ToxicityFilter:
         settings = json.loads((folder / SETTINGS_FILE).read_text())
         if settings.get("format") != FORMAT:
-            raise ValueError(f"{folder / SETTINGS_FILE}: not a saefeat toxicity filter")
+            raise SaefeatError(f"{folder / SETTINGS_FILE}: not a saefeat toxicity filter")
         self = cls(**settings["params"])
         self._check_settings()
         with np.load(folder / WEIGHTS_FILE, allow_pickle=False) as npz:
@@ -209,29 +209,35 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         self.fingerprint_ = _fingerprint(self.representation_)
         stored = settings["fingerprint"]
         if stored != self.fingerprint_:
-            raise ValueError(f"{folder}: the filter was fitted on {stored}, but its settings now give "
+            raise SaefeatError(f"{folder}: the filter was fitted on {stored}, but its settings now give "
                              f"{self.fingerprint_}; its weights do not apply to these features")
         return self
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write an MLflow pyfunc model folder (settings and weights; the embedder is rebuilt on load)."""
+        """Write an MLflow pyfunc model folder (settings and weights; the embedder is rebuilt on load). An existing
+        folder is replaced only with `overwrite=True` and only when it holds a saefeat filter, in one swap."""
         self._fitted()
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        if path.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
+            if _filter_files(path) is None:
+                raise OutputExistsError(f"{path} exists and is not a saefeat toxicity filter; refusing to replace it")
+
+        def write(tmp: Path) -> None:
             files = tmp / "filter"
             files.mkdir()
             self._write_files(files)
             with _quiet_mlflow():
                 mlflow.pyfunc.save_model(str(tmp / "model"), **self._pyfunc_kwargs(files))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp / "model", path)  # the folder appears complete or not at all
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            write(staging)
+            replace_dir(staging / "model", path)  # the folder appears complete or not at all
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         return path
 
     def log_model(self, name: str = "toxicity_filter") -> str:
@@ -258,13 +264,31 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, uri: str | Path) -> ToxicityFilter:
-        """Load a filter saved by `save` or `log_model` (a folder, or an MLflow URI such as runs:/ID/name)."""
-        if Path(uri).exists() and not (Path(uri) / "MLmodel").is_file():
-            raise ValueError(f"{uri}: not an MLflow model folder (no MLmodel file)")
-        model = mlflow.pyfunc.load_model(str(uri)).unwrap_python_model()
-        if not isinstance(model, ToxicityFilterModel):
-            raise ValueError(f"{uri}: not a saefeat toxicity filter")
-        return model.filter
+        """Load a filter saved by `save` or `log_model` (a folder, or an MLflow URI such as runs:/ID/name).
+
+        Only data is read (settings JSON and npz weights); no code from the folder runs, so loading an untrusted
+        filter is safe. (Serving it with `mlflow.pyfunc.load_model` runs the folder's copy of the entry point.)"""
+        folder = Path(uri)
+        if not folder.exists():
+            if "://" not in str(uri) and not str(uri).startswith("runs:/"):
+                raise MissingFileError(f"{uri}: no such filter folder")
+            folder = Path(mlflow.artifacts.download_artifacts(str(uri)))
+        if not (folder / "MLmodel").is_file():
+            raise SaefeatError(f"{uri}: not an MLflow model folder (no MLmodel file)")
+        files = _filter_files(folder)
+        if files is None:
+            raise SaefeatError(f"{uri}: not a saefeat toxicity filter (no artifacts/filter/{SETTINGS_FILE})")
+        return cls._read_files(files)
+
+
+def _filter_files(folder: Path) -> Path | None:
+    """The data folder of a saved filter, or None when `folder` is not one."""
+    files = Path(folder) / "artifacts" / "filter"
+    try:
+        ok = json.loads((files / SETTINGS_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if ok else None
 
 
 class ToxicityFilterModel(mlflow.pyfunc.PythonModel):

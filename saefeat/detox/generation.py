@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saefeat.data import check_texts
+from saefeat.errors import SaefeatError
 from saefeat.hosts import HostModel
 
 
@@ -25,17 +26,17 @@ class Generations:
 def prompt_ids(host: HostModel, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
     """Token ids of each prompt behind a BOS token; a prompt that cannot fit in the context is an error."""
     if not host.is_causal:
-        raise ValueError(f"host {host.name!r} is not a causal language model; generation needs one (e.g. smollm2)")
+        raise SaefeatError(f"host {host.name!r} is not a causal language model; generation needs one (e.g. smollm2)")
     if isinstance(prompts, str):
-        raise ValueError("expected a list of prompts, got a single string")
+        raise SaefeatError("expected a list of prompts, got a single string")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise SaefeatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     texts = check_texts(list(prompts), source="prompts", field="prompt")
     ids = [host.wrap(x)[0] for x in host.tokenize(texts)]
     too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) + max_new_tokens > host.max_length]
     if too_long:
         i, n = too_long[0]
-        raise ValueError(f"prompt {i} has {n} tokens (with BOS); with max_new_tokens={max_new_tokens} it does not "
+        raise SaefeatError(f"prompt {i} has {n} tokens (with BOS); with max_new_tokens={max_new_tokens} it does not "
                          f"fit the {host.max_length}-token context of {host.name!r} "
                          f"({len(too_long)} prompt(s) too long, e.g. rows {[j for j, _ in too_long[:10]]})")
     return ids

@@ -11,6 +11,7 @@ from scipy.stats import rankdata
 
 from saefeat.detox.filter import ToxicityFilter, representation_settings
 from saefeat.embed.config import EmbedConfig
+from saefeat.errors import SaefeatError
 
 SCORES = ("mean_diff", "freq_diff", "grad_x_act")
 
@@ -26,9 +27,9 @@ def latent_scores(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndarray |
     """
     y = np.asarray(y).astype(int)
     if X.shape[0] != len(y):
-        raise ValueError(f"X has {X.shape[0]} rows but y has {len(y)} labels")
+        raise SaefeatError(f"X has {X.shape[0]} rows but y has {len(y)} labels")
     if len(np.unique(y)) < 2:
-        raise ValueError("latent scores need both toxic (1) and non-toxic (0) documents")
+        raise SaefeatError("latent scores need both toxic (1) and non-toxic (0) documents")
     X = sp.csr_matrix(X, dtype=np.float64)
     tox, clean = X[y == 1], X[y == 0]
     mean_t, mean_c = np.asarray(tox.mean(0)).ravel(), np.asarray(clean.mean(0)).ravel()
@@ -43,7 +44,7 @@ def latent_scores(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndarray |
     if coef is not None:
         coef = np.asarray(coef, dtype=np.float64).ravel()
         if len(coef) != X.shape[1]:
-            raise ValueError(f"coef has {len(coef)} weights but X has {X.shape[1]} features")
+            raise SaefeatError(f"coef has {len(coef)} weights but X has {X.shape[1]} features")
         df["grad_x_act"] = coef * mean_t
     return df
 
@@ -64,7 +65,7 @@ def rank_toxic_latents(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndar
         keep &= df.grad_x_act > 0
     cand = df[keep].copy()
     if cand.empty:
-        raise ValueError("no latent fires more in toxic than in clean text under the given frequency limits")
+        raise SaefeatError("no latent fires more in toxic than in clean text under the given frequency limits")
     names = [s for s in SCORES if s in cand]
     cand["score"] = np.mean([rankdata(cand[s]) / len(cand) for s in names], axis=0)
     return cand.sort_values("score", ascending=False).head(n).reset_index(drop=True)

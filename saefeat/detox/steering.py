@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from saefeat.errors import SaefeatError
 from saefeat.hosts import HostModel
 from saefeat.sae.formats import check_compatible
 from saefeat.sae.model import SAE
@@ -40,16 +41,16 @@ class SAELatentClamp:
     def __init__(self, sae: SAE, latents: Sequence[int], value: float | Sequence[float] = 0.0,
                  strength: float = 1.0, where: str = "all"):
         if where not in ("all", "active"):
-            raise ValueError(f"where must be 'all' or 'active', got {where!r}")
+            raise SaefeatError(f"where must be 'all' or 'active', got {where!r}")
         latents = [int(i) for i in latents]
         if not latents:
-            raise ValueError("no latents to clamp")
+            raise SaefeatError("no latents to clamp")
         bad = [i for i in latents if not 0 <= i < sae.d_sae]
         if bad:
-            raise ValueError(f"latent {bad[0]} is out of range for an SAE with {sae.d_sae} latents")
+            raise SaefeatError(f"latent {bad[0]} is out of range for an SAE with {sae.d_sae} latents")
         values = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
         if values.numel() not in (1, len(latents)):
-            raise ValueError(f"give one clamp value or one per latent ({len(latents)}), got {values.numel()}")
+            raise SaefeatError(f"give one clamp value or one per latent ({len(latents)}), got {values.numel()}")
         self.sae, self.latents, self.strength, self.where = sae, latents, float(strength), where
         self.values = values.expand(len(latents)).clone()
         self.layer = sae.cfg.layer
@@ -81,7 +82,7 @@ class VectorSteering:
 
     def check(self, host: HostModel, layer: int) -> None:
         if self.vector.numel() != host.d_model:
-            raise ValueError(f"the steering vector has {self.vector.numel()} dimensions but host {host.name!r} "
+            raise SaefeatError(f"the steering vector has {self.vector.numel()} dimensions but host {host.name!r} "
                              f"has d_model={host.d_model}")
 
 
@@ -98,7 +99,7 @@ def steer(host: HostModel, intervention: Intervention | None, layer: int | None 
         return
     layer = getattr(intervention, "layer", None) if layer is None else int(layer)
     if layer is None:
-        raise ValueError("the intervention does not record its layer; pass layer=")
+        raise SaefeatError("the intervention does not record its layer; pass layer=")
     host.check_layer(layer)
     if hasattr(intervention, "check"):
         intervention.check(host, layer)

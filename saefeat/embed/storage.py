@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from saefeat.atomic import atomic_write
+from saefeat.errors import SaefeatError
 
 VALUE_DTYPES = ("float32", "float16")
 
@@ -27,10 +28,10 @@ def pointer_dtype(nnz: int) -> np.dtype:
 def save_sparse(path: str | Path, X: sp.csr_matrix, values: str = "float16") -> None:
     """Write a CSR matrix to .npz atomically; latent ids as uint16 when d_sae <= 65536."""
     if values not in VALUE_DTYPES:
-        raise ValueError(f"values must be one of {VALUE_DTYPES}, got {values!r}")
+        raise SaefeatError(f"values must be one of {VALUE_DTYPES}, got {values!r}")
     X = sp.csr_matrix(X)
     if values == "float16" and X.nnz and np.abs(X.data).max() > np.finfo(np.float16).max:
-        raise ValueError(f"values up to {np.abs(X.data).max():.3g} overflow float16; save with values='float32'")
+        raise SaefeatError(f"values up to {np.abs(X.data).max():.3g} overflow float16; save with values='float32'")
     arrays = {"data": X.data.astype(values), "indices": X.indices.astype(index_dtype(X.shape[1])),
               "indptr": X.indptr.astype(pointer_dtype(X.nnz)), "shape": np.array(X.shape, dtype=np.int64)}
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

@@ -138,7 +138,7 @@ class SentenceVectorizer(_LazyModel):
 
             path, gguf = resolve_host_path(self.model)
             if gguf:
-                raise ValueError(f"{self.model!r} is a GGUF causal LM, not a sentence-transformers model")
+                raise SaefeatError(f"{self.model!r} is a GGUF causal LM, not a sentence-transformers model")
             self._st = SentenceTransformer(path, device=str(resolve_device(self.device)))
         return self._st
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saefeat.errors import SaefeatError
+
 
 @dataclass(frozen=True)
 class Window:
@@ -24,9 +26,9 @@ def split_windows(doc: int, n_tokens: int, size: int, overlap: int, causal: bool
     overlap is split at its midpoint (each token sits away from a window edge).
     """
     if size <= 0:
-        raise ValueError(f"window size must be positive, got {size}")
+        raise SaefeatError(f"window size must be positive, got {size}")
     if not 0 <= overlap < size:
-        raise ValueError(f"overlap must be in [0, window size={size}), got {overlap}")
+        raise SaefeatError(f"overlap must be in [0, window size={size}), got {overlap}")
     if n_tokens == 0:
         return []
     stride = size - overlap

@@ -13,6 +13,8 @@ import numpy as np
 from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import mean_absolute_error
 
+from saefeat.errors import SaefeatError
+
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
@@ -92,7 +94,7 @@ def classification_report(y_true, scores, y_pred=None, n_boot: int = 1000, seed:
     s = np.asarray(scores, dtype=float)
     p = (s > 0.5).astype(int) if y_pred is None else np.asarray(y_pred).astype(int)
     if len(np.unique(y)) < 2:
-        raise ValueError("the evaluation labels hold one class only; ROC-AUC is undefined")
+        raise SaefeatError("the evaluation labels hold one class only; ROC-AUC is undefined")
     return bootstrap(_classification_metrics(minority_label(y)), y, s, p, n_boot, seed)
 
 

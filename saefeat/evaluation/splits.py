@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
+from saefeat.errors import SaefeatError
+
 
 def temporal_split(dates: pd.Series, groups: pd.Series | None = None, test_per_group: int | None = None,
                    test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -14,7 +16,7 @@ def temporal_split(dates: pd.Series, groups: pd.Series | None = None, test_per_g
     d = pd.to_datetime(dates).reset_index(drop=True)
     if test_per_group is not None:
         if groups is None:
-            raise ValueError("test_per_group needs a group field (e.g. ticker)")
+            raise SaefeatError("test_per_group needs a group field (e.g. ticker)")
         g = groups.reset_index(drop=True)
         rank = d.groupby(g).rank(method="first", ascending=False)
         test = (rank <= test_per_group).to_numpy()
@@ -43,7 +45,7 @@ class GroupedTimeSeriesSplit:
 
     def split(self, X, y=None, groups=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if groups is None:
-            raise ValueError("GroupedTimeSeriesSplit needs groups= (the dates of the rows)")
+            raise SaefeatError("GroupedTimeSeriesSplit needs groups= (the dates of the rows)")
         dates = pd.to_datetime(pd.Series(np.asarray(groups)))
         unique = np.sort(dates.unique())
         blocks = np.array_split(unique, self.n_splits + 1)

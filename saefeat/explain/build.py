@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from saefeat.embed.cache import doc_hash
 from saefeat.embed.embedder import SAEEmbedder, TokenActivations
+from saefeat.errors import SaefeatError
 from saefeat.explain.cards import extract_windows, token_rows
 from saefeat.explain.labels import label_from_tokens
 from saefeat.explain.logit_lens import logit_lens
@@ -129,9 +130,9 @@ def build_cards(emb: SAEEmbedder, texts: Sequence[str], sources: Sequence[str], 
     continues after the last committed chunk. A finished store is returned as is unless `overwrite`.
     """
     if not texts:
-        raise ValueError("the reference corpus is empty")
+        raise SaefeatError("the reference corpus is empty")
     if min(n_top, n_sample, chunk_docs) < 1 or min(context_before, context_after) < 0:
-        raise ValueError("n_top, n_sample and chunk_docs must be >= 1, context_before/after >= 0")
+        raise SaefeatError("n_top, n_sample and chunk_docs must be >= 1, context_before/after >= 0")
     settings = {"n_top": n_top, "n_sample": n_sample, "before": context_before, "after": context_after,
                 "seed": seed}
     fp = fingerprint(emb, texts, settings)
@@ -139,7 +140,7 @@ def build_cards(emb: SAEEmbedder, texts: Sequence[str], sources: Sequence[str], 
     meta = store.meta
     if meta and meta.get("fingerprint") != fp:
         if not overwrite:
-            raise ValueError(f"{store.path} holds cards of this SAE built with other settings or another corpus "
+            raise SaefeatError(f"{store.path} holds cards of this SAE built with other settings or another corpus "
                              f"({meta.get('corpus')}, {meta.get('n_docs')} docs); pass overwrite=true to rebuild")
         store.delete()
         meta = {}

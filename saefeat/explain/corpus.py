@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from saefeat.data import DataError, load_texts
+from saefeat.errors import MissingFileError
 
 DEFAULT_SOURCES = (("gutenberg", "corpus/gutenberg_one_book_per_author.jsonl.gz"),
                    ("maec", "earnings/maec_transcripts_unlabeled.jsonl.gz"))
@@ -29,7 +30,7 @@ def default_corpus(data_dir: str | Path, n_docs: int = 400, passage_chars: int =
     for (name, rel), n in zip(DEFAULT_SOURCES, shares):
         path = data_dir / rel
         if not path.is_file():
-            raise FileNotFoundError(f"default reference corpus: {path} not found (set data_dir= or corpus=FILE)")
+            raise MissingFileError(f"default reference corpus: {path} not found (set data_dir= or corpus=FILE)")
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             lines = fh.readlines()
         sep = "\n\n" if name == "gutenberg" else "\n"

@@ -9,10 +9,12 @@ Labellers: a local causal LM (`LocalLM`, e.g. smollm2) or any OpenAI-compatible 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Protocol
@@ -23,6 +25,7 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from saefeat.embed.embedder import SAEEmbedder
+from saefeat.errors import SaefeatError
 from saefeat.explain.cards import Context, LatentCard
 from saefeat.explain.render import context_plain
 from saefeat.explain.store import LatentStore
@@ -34,15 +37,35 @@ class Labeller(Protocol):
     def complete(self, prompt: str, max_tokens: int = 32) -> str: ...
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+
+
 class OpenAICompatible:
     """Chat completions from an OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama, ...)."""
 
     def __init__(self, endpoint: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60):
         if not model:
-            raise ValueError("labels.model must name the model served at the endpoint")
+            raise SaefeatError("labels.model must name the model served at the endpoint")
         self.url = endpoint.rstrip("/") + "/chat/completions"
         self.model, self.timeout = model, timeout
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        url = urllib.parse.urlsplit(self.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SaefeatError(f"labels.endpoint must be an http(s) URL, got {endpoint!r}")
+        if self.api_key and url.scheme == "http" and not _loopback(url.hostname):
+            raise SaefeatError(f"refusing to send ${api_key_env} over plain http to {url.hostname}; use an https "
+                               "endpoint (plain http is allowed for a server on this machine only)")
+        # the key goes to the configured endpoint only: redirects are not followed
+        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def complete(self, prompt: str, max_tokens: int = 32) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
@@ -52,14 +75,14 @@ class OpenAICompatible:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 reply = json.loads(resp.read())
         except (urllib.error.URLError, TimeoutError) as e:
             raise ConnectionError(f"labeller endpoint {self.url} failed: {e}") from e
         try:
             return str(reply["choices"][0]["message"]["content"]).strip()
         except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"unexpected reply from {self.url}: {str(reply)[:200]}") from e
+            raise SaefeatError(f"unexpected reply from {self.url}: {str(reply)[:200]}") from e
 
 
 class LocalLM:
@@ -70,7 +93,7 @@ class LocalLM:
 
         self.host = get_host(model, device)
         if not self.host.is_causal:
-            raise ValueError(f"{model} is not a causal LM and cannot write labels")
+            raise SaefeatError(f"{model} is not a causal LM and cannot write labels")
 
     @torch.no_grad()
     def complete(self, prompt: str, max_tokens: int = 32) -> str:
@@ -92,7 +115,7 @@ def make_labeller(cfg) -> Labeller:
         return LocalLM(cfg.local_model)
     if cfg.llm == "openai":
         return OpenAICompatible(cfg.endpoint, cfg.model, cfg.api_key_env)
-    raise ValueError(f"labels.llm must be null, 'local' or 'openai', got {cfg.llm!r}")
+    raise SaefeatError(f"labels.llm must be null, 'local' or 'openai', got {cfg.llm!r}")
 
 
 def explain_prompt(contexts: Sequence[Context]) -> str:
@@ -118,7 +141,7 @@ def detection_score(labeller: Labeller, label: str, positives: Sequence[str], ne
     """Balanced accuracy of the labeller's yes/no answers on firing (positive) and non-firing texts."""
     texts = list(positives) + list(negatives)
     if not positives or not negatives:
-        raise ValueError("detection scoring needs both firing and non-firing contexts")
+        raise SaefeatError("detection scoring needs both firing and non-firing contexts")
     truth = [1] * len(positives) + [0] * len(negatives)
     pred = [int(labeller.complete(detection_prompt(label, t), max_tokens=3).strip().lower().startswith("y"))
             for t in texts]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saefeat.errors import SaefeatError
 from saefeat.explain.tokens import token_text
 from saefeat.hosts import HostModel
 from saefeat.sae.model import SAE
@@ -36,7 +37,7 @@ def logit_lens(host: HostModel, sae: SAE, k: int = 8, batch: int = 512) -> tuple
     """
     head = host.model.get_output_embeddings() if host.is_causal else None
     if head is None:
-        raise ValueError(f"{host.name} has no unembedding (logit lens needs a causal LM)")
+        raise SaefeatError(f"{host.name} has no unembedding (logit lens needs a causal LM)")
     norm = final_norm(host.model)
     tok = host.tokenizer
     promotes: list[list[str]] = []

@@ -12,6 +12,7 @@ import pandas as pd
 
 from saefeat.data import check_texts
 from saefeat.embed.embedder import SAEEmbedder
+from saefeat.errors import SaefeatError
 from saefeat.explain.cards import Context, LatentCard, extract_windows, token_rows
 from saefeat.explain.labels import label_from_tokens
 from saefeat.explain.render import context_plain, report_html
@@ -35,10 +36,10 @@ def log_latent_report(embedder, latents: Sequence[int], importance: Sequence[flo
     latents = [int(x) for x in latents]
     importance = [float(x) for x in importance]
     if len(latents) != len(importance):
-        raise ValueError(f"latents and importance differ in length ({len(latents)} vs {len(importance)})")
+        raise SaefeatError(f"latents and importance differ in length ({len(latents)} vs {len(importance)})")
     bad = [x for x in latents if not 0 <= x < emb.d_sae]
     if bad:
-        raise ValueError(f"latent {bad[0]} is out of range for an SAE with {emb.d_sae} latents")
+        raise SaefeatError(f"latent {bad[0]} is out of range for an SAE with {emb.d_sae} latents")
     store = LatentStore.for_sae(emb.sae.content_hash)
     if store.exists and store.meta.get("docs_done"):
         cards = store.cards(latents, n_top=n_examples)

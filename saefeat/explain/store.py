@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from saefeat.embed.cache import default_cache_dir
+from saefeat.errors import SaefeatError
 from saefeat.explain.cards import Context, LatentCard, best_label
 
 SCHEMA_VERSION = 2
@@ -62,7 +63,7 @@ class LatentStore:
     @classmethod
     def for_sae(cls, sae_hash: str, directory: str | Path | None = None) -> LatentStore:
         if not sae_hash:
-            raise ValueError("the SAE has no content hash; latent cards are keyed by it")
+            raise SaefeatError("the SAE has no content hash; latent cards are keyed by it")
         return cls(store_dir(directory) / f"{sae_hash}.sqlite")
 
     # ---- connection ---------------------------------------------------------------------
@@ -200,7 +201,7 @@ class LatentStore:
         d = self.d_sae
         bad = [x for x in latents if not 0 <= x < d]
         if bad:
-            raise ValueError(f"latent {bad[0]} is out of range: this SAE has {d} latents (0..{d - 1})")
+            raise SaefeatError(f"latent {bad[0]} is out of range: this SAE has {d} latents (0..{d - 1})")
         q = (f"SELECT latent, n_fire, sum_act, max_act, label, label_tokens, llm_label, llm_score, promotes, "
              f"suppresses FROM latents WHERE latent IN ({','.join('?' * len(set(latents)))})")
         rows = {r[0]: r for r in self.con.execute(q, sorted(set(latents)))}

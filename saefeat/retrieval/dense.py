@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from saefeat.errors import SaefeatError
+
 DENSE_KINDS = ("sentence", "dense")
 
 
@@ -29,7 +31,7 @@ def encode_dense_side(kind: str, texts: Sequence[str], embedder: Any, sentence_m
     if kind == "dense":
         return embedder.encode_dense(list(texts), pooling="mean", batch_size=batch_size,
                                      show_progress_bar=show_progress_bar)
-    raise ValueError(f"unknown dense side {kind!r}; valid: {', '.join(DENSE_KINDS)} or none")
+    raise SaefeatError(f"unknown dense side {kind!r}; valid: {', '.join(DENSE_KINDS)} or none")
 
 
 class DenseSide:

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from saefeat.data import check_texts
 from saefeat.embed.config import EmbedConfig
 from saefeat.embed.pooling import SPARSE_POOLINGS, pool
+from saefeat.errors import SaefeatError
 from saefeat.retrieval.dense import DENSE_KINDS, DenseSide, encode_dense_side
 from saefeat.retrieval.properties import Property, latent_labels, property_from_description, select_latents
 from saefeat.retrieval.store import IndexMismatchError, read_data, read_manifest, write_index
@@ -73,7 +74,7 @@ class SAEIndex:
                  pooling: str = "max", k: int = 64, dense: DenseSide | None = None, dense_kind: str | None = None,
                  sentence_model: str = "minilm", sae_spec: str | None = None, batch_size: int = 32):
         if pooling not in SPARSE_POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(SPARSE_POOLINGS)}")
+            raise SaefeatError(f"unknown pooling {pooling!r}; valid: {', '.join(SPARSE_POOLINGS)}")
         self.embedder, self.pooling, self.k = embedder, pooling, int(k)
         self.dense, self.dense_kind, self.sentence_model = dense, dense_kind, sentence_model
         self.sae_spec, self.batch_size = sae_spec, batch_size
@@ -97,12 +98,12 @@ class SAEIndex:
             embedder: an SAEEmbedder to use instead of the one `config` describes (its pooling still applies).
         """
         if isinstance(docs, str):
-            raise ValueError("expected a list of documents, got a single string")
+            raise SaefeatError("expected a list of documents, got a single string")
         docs = check_texts(list(docs), field="docs")
         if dense is not None and dense not in DENSE_KINDS:
-            raise ValueError(f"unknown dense side {dense!r}; valid: {', '.join(DENSE_KINDS)} or none")
+            raise SaefeatError(f"unknown dense side {dense!r}; valid: {', '.join(DENSE_KINDS)} or none")
         if not docs:
-            raise ValueError("no documents to index")
+            raise SaefeatError("no documents to index")
         config = config or (embedder.config if embedder is not None else EmbedConfig())
         if embedder is None:
             from saefeat.embed.vectorizers import get_embedder
@@ -123,7 +124,7 @@ class SAEIndex:
         docs = check_texts(list(docs), field="docs")
         ids = [str(len(self.ids) + i) for i in range(len(docs))] if ids is None else [str(i) for i in ids]
         if len(ids) != len(docs):
-            raise ValueError(f"got {len(ids)} ids for {len(docs)} documents")
+            raise SaefeatError(f"got {len(ids)} ids for {len(docs)} documents")
         self._check_new_ids(ids)
         X = self.encode(docs, show_progress_bar=show_progress_bar)
         D = self.encode_dense(docs, show_progress_bar=show_progress_bar) if self.dense_kind is not None else None
@@ -134,11 +135,11 @@ class SAEIndex:
         """Append already-encoded documents (rows of pooled latents, and dense vectors if the index has them)."""
         ids = [str(i) for i in ids]
         if X.shape[0] != len(ids) or len(texts) != len(ids):
-            raise ValueError(f"{X.shape[0]} vectors, {len(ids)} ids and {len(texts)} texts do not line up")
+            raise SaefeatError(f"{X.shape[0]} vectors, {len(ids)} ids and {len(texts)} texts do not line up")
         if X.shape[1] != self.d_sae:
-            raise ValueError(f"vectors have {X.shape[1]} latents, the index has {self.d_sae}")
+            raise SaefeatError(f"vectors have {X.shape[1]} latents, the index has {self.d_sae}")
         if (self.dense_kind is None) != (dense_vectors is None):
-            raise ValueError("dense vectors must be given exactly when the index has a dense side")
+            raise SaefeatError("dense vectors must be given exactly when the index has a dense side")
         self._check_new_ids(ids)
         self._X = sp.vstack([self._X, sp.csc_matrix(X, dtype=np.float32)], format="csc")
         self._X.sort_indices()
@@ -158,7 +159,7 @@ class SAEIndex:
         if len(set(ids)) != len(ids):
             dup += sorted({i for i in ids if ids.count(i) > 1})
         if dup:
-            raise ValueError(f"duplicate document ids: {dup[:10]}")
+            raise SaefeatError(f"duplicate document ids: {dup[:10]}")
 
     def _refresh(self) -> None:
         """Recompute the statistics that depend on the whole collection (idf, norms, weighted postings)."""
@@ -234,7 +235,7 @@ class SAEIndex:
 
     def encode_dense(self, texts: Sequence[str], show_progress_bar: bool | None = None) -> np.ndarray:
         if self.dense_kind is None:
-            raise ValueError("this index has no dense side; build it with dense='sentence' or dense='dense'")
+            raise SaefeatError("this index has no dense side; build it with dense='sentence' or dense='dense'")
         return encode_dense_side(self.dense_kind, texts, self.embedder, self.sentence_model, self.batch_size,
                                  show_progress_bar)
 
@@ -272,11 +273,13 @@ class SAEIndex:
             explain: number of matching latents reported per hit.
         """
         if mode not in MODES:
-            raise ValueError(f"unknown search mode {mode!r}; valid: {', '.join(MODES)}")
+            raise SaefeatError(f"unknown search mode {mode!r}; valid: {', '.join(MODES)}")
         if mode != "sae" and self.dense is None:
-            raise ValueError(f"mode={mode!r} needs a dense side; this index was built with dense=None")
+            raise SaefeatError(f"mode={mode!r} needs a dense side; this index was built with dense=None")
+        if k < 1:
+            raise SaefeatError(f"k must be at least 1, got {k}")
         single = isinstance(query, str)
-        queries = check_texts([query] if single else list(query), field="query")
+        queries = check_texts([query] if single else list(query), field="query", allow_empty=False)
         Q = self.encode(queries, show_progress_bar=False) if mode != "dense" else None
         D = self.encode_dense(queries, show_progress_bar=False) if mode != "sae" else None
         exclude = list(exclude_latents)
@@ -346,6 +349,8 @@ class SAEIndex:
             prop = self.property(prop, negatives, n_latents=n_latents, exclude_latents=exclude)
         elif exclude:
             prop = prop.without(exclude)
+        if k < 1:
+            raise SaefeatError(f"k must be at least 1, got {k}")
         rows, scores = top_k(self.property_scores(prop), min(k, len(self)))
         coef = dict(zip(prop.latents.tolist(), prop.coefficients().tolist()))
         hits = []

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from saefeat.errors import SaefeatError
+
 
 @dataclass
 class Property:
@@ -78,9 +80,9 @@ def select_latents(positives: sp.spmatrix, background_df: np.ndarray, n_backgrou
     pos = sp.csr_matrix(positives)
     n_pos, d = pos.shape
     if n_pos == 0:
-        raise ValueError("a property needs at least one positive example")
+        raise SaefeatError("a property needs at least one positive example")
     if len(background_df) != d:
-        raise ValueError(f"positives have {d} latents but the background has {len(background_df)}")
+        raise SaefeatError(f"positives have {d} latents but the background has {len(background_df)}")
     fires = np.asarray((pos > 0).sum(axis=0)).ravel().astype(np.float64)
     p_rate = _rate(fires, n_pos)
     b_rate = _rate(np.asarray(background_df, np.float64), n_background)
@@ -93,7 +95,7 @@ def select_latents(positives: sp.spmatrix, background_df: np.ndarray, n_backgrou
     excluded = np.asarray(list(exclude), dtype=np.int64)
     if excluded.size:
         if excluded.min() < 0 or excluded.max() >= d:
-            raise ValueError(f"excluded latent ids must be in [0, {d}); got {excluded.tolist()}")
+            raise SaefeatError(f"excluded latent ids must be in [0, {d}); got {excluded.tolist()}")
         score[excluded] = -np.inf
     order = np.argsort(-score, kind="stable")[:n_latents]
     order = order[score[order] > 0]
@@ -112,14 +114,14 @@ def latent_labels(sae_hash: str, directory: str | None = None) -> dict[int, tupl
 
     store = LatentStore.for_sae(sae_hash, directory)
     if not store.exists:
-        raise ValueError(f"no latent labels for SAE {sae_hash} (looked for {store.path}); "
+        raise SaefeatError(f"no latent labels for SAE {sae_hash} (looked for {store.path}); "
                          f"run `saefeat describe-latents` for this SAE first")
     rows = store.con.execute("SELECT latent, COALESCE(NULLIF(llm_label, ''), label), sum_act, n_fire FROM latents "
                              "WHERE COALESCE(NULLIF(llm_label, ''), label) IS NOT NULL").fetchall()
     store.close()
     labels = {int(j): (str(lab), float(s) / max(int(n), 1)) for j, lab, s, n in rows if str(lab).strip()}
     if not labels:
-        raise ValueError(f"the latent store {store.path} has no labels yet; run `saefeat describe-latents`")
+        raise SaefeatError(f"the latent store {store.path} has no labels yet; run `saefeat describe-latents`")
     return labels
 
 
@@ -135,11 +137,11 @@ def property_from_description(description: str, labels: dict[int, tuple[str, flo
     from saefeat.embed.vectorizers import SentenceVectorizer
 
     if not description or not description.strip():
-        raise ValueError("the property description is empty")
+        raise SaefeatError("the property description is empty")
     skip = set(int(x) for x in exclude)
     latents = np.array([j for j in sorted(labels) if j not in skip], dtype=np.int64)
     if latents.size == 0:
-        raise ValueError("no labelled latents to match the description against")
+        raise SaefeatError("no labelled latents to match the description against")
     vec = SentenceVectorizer(model=sentence_model, show_progress_bar=False)
     emb = vec.transform([description] + [labels[j][0] for j in latents])
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from saefeat.errors import SaefeatError
 from saefeat.retrieval.dense import DENSE_KINDS, DenseRetriever
 from saefeat.retrieval.evaluation import BM25
 from saefeat.retrieval.index import MODES, SAEIndex
@@ -35,9 +36,9 @@ class IndexRetriever:
 
     def __init__(self, index: SAEIndex, mode: str = "sae", alpha: float = 0.5):
         if mode not in MODES:
-            raise ValueError(f"unknown search mode {mode!r}; valid: {', '.join(MODES)}")
+            raise SaefeatError(f"unknown search mode {mode!r}; valid: {', '.join(MODES)}")
         if mode != "sae" and index.dense is None:
-            raise ValueError(f"mode={mode!r} needs a dense side; this index was built with dense=None")
+            raise SaefeatError(f"mode={mode!r} needs a dense side; this index was built with dense=None")
         self.index, self.mode, self.alpha = index, mode, alpha
         self._encoded: dict[str, sp.csr_matrix] = {}
 
@@ -73,7 +74,7 @@ def make_retriever(kind: str, index: SAEIndex, alpha: float = 0.5, sentence_mode
         return DenseRetriever.build(kind, index.texts, index.embedder, sentence_model, batch_size, show_progress_bar)
     if kind == "bm25":
         return BM25().fit(index.texts)
-    raise ValueError(f"unknown retriever {kind!r}; valid: {', '.join(RETRIEVERS)}")
+    raise SaefeatError(f"unknown retriever {kind!r}; valid: {', '.join(RETRIEVERS)}")
 
 
 def latent_contributions(retriever: IndexRetriever, queries: Sequence[str], rows: Sequence[np.ndarray],

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from saefeat.atomic import replace_dir
+from saefeat.errors import MissingFileError, OutputExistsError, SaefeatError
 from saefeat.sae.formats import file_hash
 
 FORMAT = "saefeat-index"
@@ -33,7 +34,7 @@ DOCS = "docs.parquet"
 DENSE = "dense.faiss"
 
 
-class SAEIndexError(ValueError):
+class SAEIndexError(SaefeatError):
     """Base class of index errors (a ValueError, so the CLI prints it as one line)."""
 
 
@@ -51,8 +52,9 @@ def write_index(path: str | Path, postings: sp.csc_matrix, ids: list[str], texts
     import faiss
 
     target = Path(path)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
-        raise ValueError(f"{target} exists and is not an saefeat index; refusing to overwrite it")
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_index_folder(target))):
+        raise OutputExistsError(f"{target} exists and is not a saefeat index (no saefeat {MANIFEST}); refusing to "
+                                "replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -73,11 +75,20 @@ def write_index(path: str | Path, postings: sp.csc_matrix, ids: list[str], texts
     return target
 
 
+def is_index_folder(path: str | Path) -> bool:
+    """Whether `path` holds a saefeat index: its manifest says so (any other manifest.json is not ours)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of an index folder, after checking that every data file is intact."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"index folder not found: {path}")
+        raise MissingFileError(f"index folder not found: {path}")
     mf = path / MANIFEST
     if not mf.is_file():
         raise CorruptIndexError(f"{path} is not a complete saefeat index: {MANIFEST} is missing "
@@ -91,7 +102,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("version") != VERSION:
         raise CorruptIndexError(f"{mf}: index format version {manifest.get('version')} is not supported "
                                 f"(this saefeat reads version {VERSION}); rebuild the index")
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    required = {POSTINGS, DOCS} | ({DENSE} if manifest.get("dense") else set())
+    if not isinstance(files, dict) or not required <= set(files):
+        listed = sorted(files) if isinstance(files, dict) else files
+        raise CorruptIndexError(f"{mf}: the manifest must list {sorted(required)} with their checksums; it lists "
+                                f"{listed}")
+    unexpected = sorted(set(files) - {POSTINGS, DOCS, DENSE})
+    if unexpected:
+        raise CorruptIndexError(f"{mf}: unknown data files {unexpected} (names must be saefeat's plain file names)")
+    for name, info in files.items():
         f = path / name
         if not f.is_file():
             raise CorruptIndexError(f"{path}: data file {name} is missing")
@@ -109,7 +129,7 @@ def read_data(path: str | Path, manifest: dict[str, Any]) -> tuple[sp.csc_matrix
         postings = sp.load_npz(path / POSTINGS).tocsc()
         table = pq.read_table(path / DOCS)
         ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-        dense = faiss.read_index(str(path / DENSE)) if DENSE in manifest["files"] else None
+        dense = faiss.read_index(str(path / DENSE)) if manifest.get("dense") else None
     except Exception as e:  # a file that passed its checksum but does not parse
         raise CorruptIndexError(f"{path}: unreadable index data ({type(e).__name__}: {e})") from e
     n = manifest["n_docs"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from saefeat.data import load_texts
+from saefeat.errors import SaefeatError
 from saefeat.hosts import HostModel
 
 
@@ -58,7 +59,7 @@ def sample_windows(host: HostModel, sources: Sequence[CorpusSource], seq_len: in
             streams.append(_windows_of(host, texts, seq_len, rng, max_chars))
             shares.append(src.share)
     if not streams:
-        raise ValueError("no documents in the training sources")
+        raise SaefeatError("no documents in the training sources")
     while True:
         yield next(rng.choices(streams, weights=shares)[0])
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from saefeat.errors import SaefeatError
 from saefeat.hosts import Batch, HostModel
 from saefeat.sae.activations import content_activations
 from saefeat.sae.model import SAE
@@ -76,7 +77,7 @@ def ce_recovered(sae: SAE, host: HostModel, layer: int, windows: list[list[int]]
     """CE loss clean, with the SAE spliced in and with the layer zero-ablated, the KL divergence of each patched
     next-token distribution from the clean one, and the recovered shares of both."""
     if not host.is_causal:
-        raise ValueError("CE loss recovered is defined for causal LMs only")
+        raise SaefeatError("CE loss recovered is defined for causal LMs only")
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl = {"sae": 0.0, "zero": 0.0}
     count = 0

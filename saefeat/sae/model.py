@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saefeat.errors import SaefeatError
 from saefeat.sae.topk import topk_relu
 
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk")
@@ -35,9 +36,9 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+            raise SaefeatError(f"unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
         if self.architecture in ("topk", "batchtopk") and not self.k:
-            raise ValueError(f"a {self.architecture} SAE needs k")
+            raise SaefeatError(f"a {self.architecture} SAE needs k")
 
 
 class SAE(nn.Module):
@@ -99,7 +100,7 @@ class SAE(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
-            raise ValueError(f"SAE expects inputs of width d_in={self.d_in}, got {x.shape[-1]}")
+            raise SaefeatError(f"SAE expects inputs of width d_in={self.d_in}, got {x.shape[-1]}")
 
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse encoding of a top-k SAE: (values, indices), each (..., k)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from saefeat.errors import SAESiteError
+from saefeat.errors import SaefeatError, SAESiteError
 from saefeat.sae.model import SAEConfig
 
 # residual stream: after block L, before block L (= after block L-1), between attention and MLP of block L
@@ -51,7 +51,7 @@ def parse_hook(hook: str | None) -> tuple[str, int | None]:
 def hook_name(block: int, side: str) -> str:
     """The SAELens hook name of the residual stream at block `block`'s ``"output"`` or ``"input"``."""
     if side not in ("output", "input"):
-        raise ValueError(f"side must be 'output' or 'input', got {side!r}")
+        raise SaefeatError(f"side must be 'output' or 'input', got {side!r}")
     return f"blocks.{int(block)}.hook_resid_{'post' if side == 'output' else 'pre'}"
 
 

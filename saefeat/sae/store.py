@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from saefeat.atomic import atomic_write
 from saefeat.device import autocast
-from saefeat.errors import SaefeatError
+from saefeat.errors import MissingFileError, SaefeatError
 from saefeat.hosts import HostModel
 from saefeat.sae.activations import CorpusSource, sample_windows
 
@@ -208,7 +208,7 @@ def write_store(host: HostModel, cfg: StoreConfig, folder: str | Path, overwrite
     folder = Path(folder)
     for s in cfg.sources:
         if not Path(s.path).is_file():
-            raise FileNotFoundError(f"store corpus not found: {s.path}")
+            raise MissingFileError(f"store corpus not found: {s.path}")
     for layer in cfg.layers:
         host.check_layer(layer)
     identity = store_identity(host, cfg)

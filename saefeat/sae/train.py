@@ -135,7 +135,7 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown training architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+            raise SaefeatError(f"unknown training architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
 
 
 class SAETrainer:
@@ -151,7 +151,7 @@ class SAETrainer:
                  precision: str = "bf16"):
         self.sae, self.obj, self.steps, self.precision = sae, objective, steps, precision
         if objective.architecture != "topk" and sae.cfg.architecture != "batchtopk":
-            raise ValueError(f"a {objective.architecture} objective trains a batchtopk SAE")
+            raise SaefeatError(f"a {objective.architecture} objective trains a batchtopk SAE")
         if hasattr(sae, "threshold"):
             sae.threshold.requires_grad_(False)
         self.params = [getattr(sae, n) for n in self.PARAMS]
@@ -344,7 +344,7 @@ class StoreTrainConfig:
     def __post_init__(self) -> None:
         Objective(self.architecture)  # validates the name
         if self.architecture == "matryoshka" and self.prefixes and self.prefixes[-1] != self.d_sae:
-            raise ValueError(f"the last Matryoshka prefix must be d_sae={self.d_sae}, got {self.prefixes}")
+            raise SaefeatError(f"the last Matryoshka prefix must be d_sae={self.d_sae}, got {self.prefixes}")
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_KEYS}

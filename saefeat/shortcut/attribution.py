@@ -19,6 +19,7 @@ from captum.attr import IntegratedGradients
 from torch import nn
 from tqdm.auto import tqdm
 
+from saefeat.errors import SaefeatError
 from saefeat.hosts import HostModel, get_host
 from saefeat.shortcut.masking import mask_token_id, normalize_token
 
@@ -89,7 +90,7 @@ class BiasOnlyModel:
         ids = self.host.tokenize(list(texts))
         if any(len(x) == 0 for x in ids):
             empty = [i for i, x in enumerate(ids) if not x]
-            raise ValueError(f"texts at rows {empty[:10]} have no tokens; the bias-only model needs at least one")
+            raise SaefeatError(f"texts at rows {empty[:10]} have no tokens; the bias-only model needs at least one")
         return [x[: self.max_tokens] for x in ids]
 
     @torch.no_grad()
@@ -151,7 +152,7 @@ class BiasOnlyModel:
         elif baseline == "mean":
             base = net.mu.clone()
         else:
-            raise ValueError(f"baseline must be 'mask', 'mean' or 'zero', got {baseline!r}")
+            raise SaefeatError(f"baseline must be 'mask', 'mean' or 'zero', got {baseline!r}")
 
         def log_prob(mean: torch.Tensor) -> torch.Tensor:
             return torch.log_softmax(net.from_mean(mean), -1)

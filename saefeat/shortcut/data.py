@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from saefeat.data import DataError, check_texts, read_table
+from saefeat.errors import MissingFileError, SaefeatError
 
 PAIR_SEPARATOR = " [SEP] "  # premise and hypothesis are embedded as one text; [SEP] is a content token here
 
 
-class DatasetUnavailable(FileNotFoundError):
+class DatasetUnavailable(MissingFileError):
     """A benchmark file that is not on this machine (MNLI, HANS, QQP, PAWS, FEVER train); says where to put it."""
 
 
@@ -177,7 +178,7 @@ FEVER_LABELS = {"SUPPORTS": "SUPPORTS", "REFUTES": "REFUTES"}
 def load_cad_sentiment(root: str | Path, split: str = "train", kind: str = "orig") -> TextDataset:
     """CAD IMDb sentiment: `kind` orig (original reviews) or new (the counterfactual edits); split train/dev/test."""
     if kind not in ("orig", "new"):
-        raise ValueError(f"kind must be 'orig' or 'new', got {kind!r}")
+        raise SaefeatError(f"kind must be 'orig' or 'new', got {kind!r}")
     path = Path(root) / "cad" / "sentiment" / kind / f"{split}.tsv"
     return read_labeled(path, "Text", "Sentiment", SENTIMENT, name=f"cad_sentiment_{kind}_{split}")
 
@@ -192,7 +193,7 @@ def load_cad_sentiment_pairs(root: str | Path, split: str = "train") -> PairedDa
 def load_cad_nli(root: str | Path, split: str = "train", kind: str = "original") -> TextDataset:
     """CAD SNLI pairs: kind original, revised_premise or revised_hypothesis."""
     if kind not in ("original", "revised_premise", "revised_hypothesis"):
-        raise ValueError(f"kind must be original, revised_premise or revised_hypothesis, got {kind!r}")
+        raise SaefeatError(f"kind must be original, revised_premise or revised_hypothesis, got {kind!r}")
     path = Path(root) / "cad" / "NLI" / kind / f"{split}.tsv"
     return read_labeled(path, ("sentence1", "sentence2"), "gold_label", drop_labels=("-",),
                         name=f"cad_nli_{kind}_{split}")
@@ -209,7 +210,7 @@ def load_fever_symmetric(root: str | Path, version: str = "v0.2", split: str = "
         path = base / "symmetric_v0.2" / f"fever_symmetric_{split}.jsonl"
         return read_labeled(path, ("evidence", "claim"), "gold_label", FEVER_LABELS,
                             name=f"fever_symmetric_v0.2_{split}")
-    raise ValueError(f"version must be 'v0.1' or 'v0.2', got {version!r}")
+    raise SaefeatError(f"version must be 'v0.1' or 'v0.2', got {version!r}")
 
 
 def _local(path: str | Path | None, what: str, hint: str) -> Path:
@@ -320,7 +321,7 @@ def load_benchmark(name: str, data_dir: str | Path, paths: Mapping[str, str | No
         in_domain = load_qqp(paths.get("qqp_dev"))
         ood = {"paws": load_paws(paths.get("paws"))}
     else:
-        raise ValueError(f"unknown benchmark {name!r}; valid: cad_sentiment, cad_nli, mnli_hans, fever, qqp_paws")
+        raise SaefeatError(f"unknown benchmark {name!r}; valid: cad_sentiment, cad_nli, mnli_hans, fever, qqp_paws")
     classes = check_label_sets(train, in_domain, *ood.values())
     if pairs is not None:
         check_label_set(pairs.original, classes, f"the training labels of {train.source}")

@@ -20,6 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from saefeat.errors import SaefeatError
 from saefeat.hosts import Batch, get_host
 from saefeat.sae.formats import check_compatible, resolve_sae
 from saefeat.sae.sites import host_read_point
@@ -64,7 +65,7 @@ class DBRClassifier(ClassifierMixin, BaseEstimator):
         elif kind == "none":
             self.center_, spread = torch.zeros(A.shape[1]), torch.ones(A.shape[1])
         else:
-            raise ValueError(f"scale must be auto, maxabs, standard or none, got {self.scale!r}")
+            raise SaefeatError(f"scale must be auto, maxabs, standard or none, got {self.scale!r}")
         # A latent that never fires on the training texts carries nothing to learn from; the mask token's own
         # latents are such features in x̃, and dropping them keeps the JSD from being met through them.
         self.inv_scale_ = torch.where(spread > 1e-8, 1.0 / spread.clamp_min(1e-8), torch.zeros_like(spread))
@@ -77,9 +78,9 @@ class DBRClassifier(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError("the training labels hold one class only")
+            raise SaefeatError("the training labels hold one class only")
         if X_masked is not None and X_masked.shape != X.shape:
-            raise ValueError(f"X_masked has shape {X_masked.shape}, X {X.shape}; masked copies must align row by row")
+            raise SaefeatError(f"X_masked has shape {X_masked.shape}, X {X.shape}; masked copies must align row by row")
         y_t = torch.as_tensor(np.searchsorted(self.classes_, y), dtype=torch.long)
         self._fit_scale(X)
         A = self._prep(X)
@@ -144,7 +145,7 @@ class DBRFineTuner(ClassifierMixin, BaseEstimator):
 
     def _setup(self, n_classes: int) -> None:
         if self.representation not in ("dense", "sae"):
-            raise ValueError(f"representation must be 'dense' or 'sae', got {self.representation!r}")
+            raise SaefeatError(f"representation must be 'dense' or 'sae', got {self.representation!r}")
         host = get_host(self.model, self.device)
         self.host_ = host
         self.sae_ = None
@@ -186,7 +187,7 @@ class DBRFineTuner(ClassifierMixin, BaseEstimator):
         texts = list(texts)
         y = np.asarray(y)
         if masked_texts is not None and len(masked_texts) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(masked_texts)} masked copies")
+            raise SaefeatError(f"{len(texts)} texts but {len(masked_texts)} masked copies")
         self.classes_ = np.unique(y)
         self._setup(len(self.classes_))
         y_t = torch.as_tensor(np.searchsorted(self.classes_, y), dtype=torch.long, device=self.host_.device)

@@ -28,6 +28,7 @@ from sklearn.preprocessing import MaxAbsScaler
 from tqdm.auto import tqdm
 
 from saefeat.embed.embedder import SAEEmbedder, TokenActivations
+from saefeat.errors import SaefeatError
 from saefeat.shortcut.masking import normalize_token
 
 CRITERIA = ("auto", "paired", "surface", "either")
@@ -129,7 +130,7 @@ class ShortcutDetector:
                  contexts_per_latent: int = 10, top_tokens: int = 3, min_token_count: int = 3, seed: int = 0,
                  show_progress_bar: bool = False):
         if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+            raise SaefeatError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         self.n_candidates, self.n_latents, self.criterion = n_candidates, n_latents, criterion
         self.min_invariance, self.min_surface, self.C = min_invariance, min_surface, C
         self.contexts_per_latent, self.top_tokens = contexts_per_latent, top_tokens
@@ -149,11 +150,11 @@ class ShortcutDetector:
         X = sp.csr_matrix(X, dtype=np.float64)
         y = np.asarray(y)
         if X.shape[0] != len(texts) or len(y) != len(texts):
-            raise ValueError(f"X has {X.shape[0]} rows, y {len(y)} and texts {len(texts)}; they must match")
+            raise SaefeatError(f"X has {X.shape[0]} rows, y {len(y)} and texts {len(texts)}; they must match")
         n_classes = int(y.max()) + 1
         criterion = self.criterion if self.criterion != "auto" else ("paired" if pairs is not None else "surface")
         if criterion in ("paired",) and pairs is None:
-            raise ValueError("criterion 'paired' needs counterfactual pairs")
+            raise SaefeatError("criterion 'paired' needs counterfactual pairs")
         Xs = MaxAbsScaler().fit_transform(X)
         clf = LogisticRegression(C=self.C, max_iter=3000).fit(Xs, y)
         coef = clf.coef_ if n_classes > 2 else np.vstack([-clf.coef_[0], clf.coef_[0]]) / 2

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from saefeat.errors import SaefeatError
 from saefeat.shortcut.attribution import BiasOnlyModel, shortcut_token_table
 from saefeat.shortcut.data import PairedDataset
 from saefeat.shortcut.dbr import DBRClassifier, DBRFineTuner
@@ -44,19 +45,19 @@ def check_settings(methods: Sequence[str], representations: Sequence[str], mode:
     """Refuse settings the experiment cannot run (a ValueError naming the setting), before any work."""
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ValueError(f"methods must be a non-empty list from {METHODS}; got {list(methods)}")
+        raise SaefeatError(f"methods must be a non-empty list from {METHODS}; got {list(methods)}")
     bad = [r for r in representations if r not in REPRESENTATIONS]
     if bad or not representations:
-        raise ValueError(f"the shortcut task compares representations from {REPRESENTATIONS}; "
+        raise SaefeatError(f"the shortcut task compares representations from {REPRESENTATIONS}; "
                          f"got {list(representations)}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise SaefeatError(f"mode must be one of {MODES}, got {mode!r}")
     if masking not in MASKINGS:
-        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+        raise SaefeatError(f"masking must be one of {MASKINGS}, got {masking!r}")
     if select_on not in SELECT_ON:
-        raise ValueError(f"select.data must be one of {SELECT_ON}, got {select_on!r}")
+        raise SaefeatError(f"select.data must be one of {SELECT_ON}, got {select_on!r}")
     if any(float(v) <= 0 for v in lambdas) or not lambdas:
-        raise ValueError(f"dbr.lambdas must be positive numbers, got {list(lambdas)}")
+        raise SaefeatError(f"dbr.lambdas must be positive numbers, got {list(lambdas)}")
 
 
 # ---- shortcut tokens and masked copies ---------------------------------------------------------------------
@@ -232,7 +233,7 @@ def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | Non
         table = pd.DataFrame({"weight_decay": list(scores), "select_accuracy": list(scores.values())})
     else:
         if erm_choice is None:
-            raise ValueError("DBR's λ is chosen against ERM: pass erm_choice=(weight decay, selection accuracy)")
+            raise SaefeatError("DBR's λ is chosen against ERM: pass erm_choice=(weight decay, selection accuracy)")
         wd, reference = erm_choice
         scores = {float(lam): score(trainer.fit(fit_rows, y["train"], float(lam), wd, method)) for lam in lambdas}
         sel = choose_largest_within(scores, reference, tolerance)

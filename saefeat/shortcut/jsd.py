@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from saefeat.errors import SaefeatError
+
 
 def jsd_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Per-row JSD(P || Q) = ½KL(P||M) + ½KL(Q||M), M = ½(P+Q), in nats; inputs are log-probabilities (..., C)."""
@@ -27,4 +29,4 @@ def jsd(logits_p: torch.Tensor, logits_q: torch.Tensor, reduction: str = "mean")
         return out.sum()
     if reduction == "none":
         return out
-    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+    raise SaefeatError(f"reduction must be mean, sum or none, got {reduction!r}")

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from saefeat.errors import SaefeatError
+
 MASKINGS = ("hard", "soft")
 
 
@@ -24,7 +26,7 @@ def mask_token_id(tokenizer) -> int:
     for tid in (getattr(tokenizer, "mask_token_id", None), getattr(tokenizer, "unk_token_id", None)):
         if tid is not None:
             return int(tid)
-    raise ValueError(f"{type(tokenizer).__name__} has neither a mask nor an unk token; cannot mask shortcut tokens")
+    raise SaefeatError(f"{type(tokenizer).__name__} has neither a mask nor an unk token; cannot mask shortcut tokens")
 
 
 def mask_string(tokenizer) -> str:
@@ -42,7 +44,7 @@ def token_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
     except NotImplementedError as e:
-        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets (a fast tokenizer is needed "
+        raise SaefeatError(f"{type(tokenizer).__name__} gives no character offsets (a fast tokenizer is needed "
                          "to mask tokens in text)") from e
     return [tuple(o) for o in enc["offset_mapping"]]
 
@@ -88,11 +90,11 @@ def mask_texts(texts: Sequence[str], positions: Sequence[Sequence[int]], tokeniz
                whole_words: bool = True) -> list[str]:
     """Masked copies of `texts`; `positions[i]` are the shortcut tokens of text i (`weights[i]` for soft)."""
     if masking not in MASKINGS:
-        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+        raise SaefeatError(f"masking must be one of {MASKINGS}, got {masking!r}")
     if len(positions) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(positions)} position lists")
+        raise SaefeatError(f"{len(texts)} texts but {len(positions)} position lists")
     if masking == "soft" and weights is None:
-        raise ValueError("soft masking needs a weight in [0, 1] for every shortcut position")
+        raise SaefeatError("soft masking needs a weight in [0, 1] for every shortcut position")
     rng = np.random.default_rng(seed)
     mask = f" {mask_string(tokenizer)} "
     out = []
@@ -101,7 +103,7 @@ def mask_texts(texts: Sequence[str], positions: Sequence[Sequence[int]], tokeniz
         if masking == "soft":
             w = np.clip(np.asarray(weights[i], dtype=float), 0.0, 1.0)
             if len(w) != len(pos):
-                raise ValueError(f"text {i}: {len(pos)} positions but {len(w)} weights")
+                raise SaefeatError(f"text {i}: {len(pos)} positions but {len(w)} weights")
             keep = rng.random(len(pos)) < w
             pos = [p for p, k in zip(pos, keep) if k]
         out.append(mask_positions(text, token_offsets(tokenizer, text), pos, mask, whole_words) if pos else text)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.metrics import bootstrap
 
 SELECT_ON = ("dev", "train_slice", "both")
@@ -15,7 +16,7 @@ SELECT_ON = ("dev", "train_slice", "both")
 def stratified_slice(y: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Indices of a stratified random `fraction` of rows (at least one per class)."""
     if not 0 < fraction < 1:
-        raise ValueError(f"select.train_slice must be in (0, 1), got {fraction}")
+        raise SaefeatError(f"select.train_slice must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     out = []
     for c in np.unique(y):

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.feature_extraction.text import TfidfTransformer
 
+from saefeat.errors import SaefeatError
 from saefeat.tabular.schema import TableSchema
 
 MATCHES = ("all", "any")
@@ -121,11 +122,11 @@ class ClusterConcepts:
     def __init__(self, n_clusters: int = 8, n_signature: int = 2, match: str = "all", column: str = "sae_concept",
                  seed: int = 0):
         if n_clusters < 2:
-            raise ValueError(f"concepts.n_clusters must be at least 2, got {n_clusters}")
+            raise SaefeatError(f"concepts.n_clusters must be at least 2, got {n_clusters}")
         if n_signature < 1:
-            raise ValueError(f"concepts.n_signature must be at least 1, got {n_signature}")
+            raise SaefeatError(f"concepts.n_signature must be at least 1, got {n_signature}")
         if match not in MATCHES:
-            raise ValueError(f"concepts.match={match!r}; valid: {', '.join(MATCHES)}")
+            raise SaefeatError(f"concepts.match={match!r}; valid: {', '.join(MATCHES)}")
         self.n_clusters, self.n_signature, self.match, self.column, self.seed = \
             n_clusters, n_signature, match, column, seed
 
@@ -137,7 +138,7 @@ class ClusterConcepts:
         """Cluster the rows of X; with `table` and `schema`, describe each cluster by typical column values."""
         X = _csr(X)
         if X.shape[0] < self.n_clusters:
-            raise ValueError(f"{X.shape[0]} encoded rows cannot form {self.n_clusters} clusters")
+            raise SaefeatError(f"{X.shape[0]} encoded rows cannot form {self.n_clusters} clusters")
         self.idf_ = TfidfTransformer(norm="l2", use_idf=True, smooth_idf=True, sublinear_tf=False).fit(X)
         self.kmeans_ = MiniBatchKMeans(n_clusters=self.n_clusters, n_init=5, batch_size=2048,
                                        random_state=self.seed).fit(self._weighted(X))
@@ -169,17 +170,17 @@ def latent_concept(X, latents: Sequence[int], match: str = "all", column: str | 
     X = _csr(X)
     latents = [int(i) for i in latents]
     if not latents:
-        raise ValueError("a latent concept needs at least one latent id")
+        raise SaefeatError("a latent concept needs at least one latent id")
     bad = [i for i in latents if not 0 <= i < X.shape[1]]
     if bad:
-        raise ValueError(f"latent id(s) {bad} out of range: the SAE has {X.shape[1]} latents")
+        raise SaefeatError(f"latent id(s) {bad} out of range: the SAE has {X.shape[1]} latents")
     if match not in MATCHES:
-        raise ValueError(f"concepts.match={match!r}; valid: {', '.join(MATCHES)}")
+        raise SaefeatError(f"concepts.match={match!r}; valid: {', '.join(MATCHES)}")
     column = column or "latent_" + "_".join(map(str, latents))
     concept = Concept(column, "yes", "latents", latents, match, _describe(latents, labels, []))
     shows = concept.shows(X)
     if not shows.any():
-        raise ValueError(f"concept {column!r}: latent(s) {latents} never fire ({match}) on the encoded rows; "
+        raise SaefeatError(f"concept {column!r}: latent(s) {latents} never fire ({match}) on the encoded rows; "
                          "pick latents that fire on some rows")
     concept.stats = {"share": float(shows.mean())}
     return concept, np.where(shows, "yes", "no").astype(object)
@@ -210,13 +211,13 @@ def resolve_latents(spec: int | str | Sequence[int | str], labels: Mapping[int, 
             out.append(int(str(item).strip().lstrip("#")))
             continue
         if not labels:
-            raise ValueError(f"concept latent {item!r} is a label, but no latent labels are available; "
+            raise SaefeatError(f"concept latent {item!r} is a label, but no latent labels are available; "
                              "give latent ids")
         needle = str(item).lower()
         hits = [i for i, lab in labels.items() if needle in str(lab).lower()]
         if len(hits) != 1:
             shown = ", ".join(f"#{i} {labels[i]!r}" for i in hits[:8])
-            raise ValueError(f"concept latent label {item!r} matches {len(hits)} latents"
+            raise SaefeatError(f"concept latent label {item!r} matches {len(hits)} latents"
                              + (f" ({shown})" if hits else "") + "; give a more specific label or an id")
         out.append(int(hits[0]))
     return out
@@ -245,14 +246,14 @@ def named_latents(specs: Sequence[int | str | Sequence[int | str]], labels: Mapp
     needs_labels = any(isinstance(s, str) and not s.strip().lstrip("#").isdigit()
                        for spec in specs for s in (spec if isinstance(spec, list) else [spec]))
     if needs_labels and not labels:
-        raise ValueError("concepts.latents names latents by label, but this SAE has no latent store with labels; "
+        raise SaefeatError("concepts.latents names latents by label, but this SAE has no latent store with labels; "
                          "run `saefeat describe-latents` first or give latent ids")
     out = [resolve_latents(spec, labels) for spec in specs]
     if len({tuple(ids) for ids in out}) < len(out):
-        raise ValueError(f"concepts.latents names the same latent set twice: {out}")
+        raise SaefeatError(f"concepts.latents names the same latent set twice: {out}")
     bad = [i for ids in out for i in ids if not 0 <= i < d_sae]
     if bad:
-        raise ValueError(f"concepts.latents: latent id(s) {bad} out of range; the SAE has {d_sae} latents")
+        raise SaefeatError(f"concepts.latents: latent id(s) {bad} out of range; the SAE has {d_sae} latents")
     return out
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.metrics import classification_report
 from saefeat.tabular.concepts import Concept
 from saefeat.tabular.schema import TableSchema
@@ -23,7 +24,7 @@ CLASSIFIER_DEFAULTS = {"n_estimators": 300, "learning_rate": 0.05, "num_leaves":
 def split_holdout(df: pd.DataFrame, target: str, holdout: float = 0.2, seed: int = 0) -> tuple[pd.Index, pd.Index]:
     """Index of training and held-out rows, stratified by the target."""
     if not 0 < holdout < 1:
-        raise ValueError(f"data.holdout must be a share between 0 and 1, got {holdout}")
+        raise SaefeatError(f"data.holdout must be a share between 0 and 1, got {holdout}")
     train, test = train_test_split(df.index, test_size=holdout, random_state=seed, stratify=df[target])
     return pd.Index(sorted(train)), pd.Index(sorted(test))
 
@@ -32,7 +33,7 @@ def check_disjoint(train_index: Sequence, holdout_index: Sequence, what: str = "
     """Raise a ValueError when a row is both a synthesizer training row and an evaluation row."""
     both = pd.Index(train_index).intersection(pd.Index(holdout_index))
     if len(both):
-        raise ValueError(f"{len(both)} {what} are also training rows of the synthesizer "
+        raise SaefeatError(f"{len(both)} {what} are also training rows of the synthesizer "
                          f"(e.g. index {list(both[:5])}); evaluate on rows it never saw")
 
 
@@ -72,7 +73,7 @@ def fit_classifier(df: pd.DataFrame, featurizer: TableFeaturizer, seed: int = 0,
 
     y = featurizer.labels(df)
     if len(np.unique(y)) < 2:
-        raise ValueError(f"the classifier's training rows hold one class only ({len(y)} rows)")
+        raise SaefeatError(f"the classifier's training rows hold one class only ({len(y)} rows)")
     clf = LGBMClassifier(**(CLASSIFIER_DEFAULTS | dict(params or {})), random_state=seed, n_jobs=n_jobs, verbose=-1)
     return clf.fit(featurizer.transform(df), y)
 

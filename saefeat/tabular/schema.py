@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from saefeat.data import DataError
+from saefeat.errors import SaefeatError
 
 NUMERICAL, CATEGORICAL = "numerical", "categorical"
 MISSING_POLICIES = ("keep", "drop", "error")
@@ -50,7 +51,7 @@ class TableSchema:
     def with_column(self, name: str, kind: str = CATEGORICAL) -> TableSchema:
         """A copy with one more column (e.g. a concept column)."""
         if name in self.types:
-            raise ValueError(f"column {name!r} is already in the table")
+            raise SaefeatError(f"column {name!r} is already in the table")
         return TableSchema(self.types | {name: kind}, self.target, set(self.integers), self.classes)
 
     def sdv_metadata(self):

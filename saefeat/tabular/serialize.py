@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from saefeat.errors import SaefeatError
+
 if TYPE_CHECKING:
     from saefeat.tabular.schema import TableSchema
 
@@ -34,18 +36,18 @@ class RowSerializer:
                  pretty_names: bool = True):
         self.columns = list(columns)
         if not self.columns:
-            raise ValueError("RowSerializer needs at least one column")
+            raise SaefeatError("RowSerializer needs at least one column")
         unknown = [c for c in [*numerical, *integers] if c not in self.columns]
         if unknown:
-            raise ValueError(f"numerical/integer column(s) {unknown} are not among the serialised columns")
+            raise SaefeatError(f"numerical/integer column(s) {unknown} are not among the serialised columns")
         self.numerical, self.integers, self.pretty_names = set(numerical), set(integers), pretty_names
         self.names = {c: self._name(c) for c in self.columns}
         by_name: dict[str, str] = {}
         for c, n in self.names.items():
             if not n:
-                raise ValueError(f"column {c!r} has an empty name once written")
+                raise SaefeatError(f"column {c!r} has an empty name once written")
             if n in by_name:
-                raise ValueError(f"columns {by_name[n]!r} and {c!r} are both written as {n!r}")
+                raise SaefeatError(f"columns {by_name[n]!r} and {c!r} are both written as {n!r}")
             by_name[n] = c
         self._by_name = by_name
         alternatives = "|".join(re.escape(n) for n in sorted(by_name, key=len, reverse=True))
@@ -73,7 +75,7 @@ class RowSerializer:
         """One sentence per row."""
         missing = [c for c in self.columns if c not in df.columns]
         if missing:
-            raise ValueError(f"the table lacks serialised column(s) {missing}")
+            raise SaefeatError(f"the table lacks serialised column(s) {missing}")
         texts = []
         for row in df[self.columns].itertuples(index=False, name=None):
             parts = [f"{self.names[c]}{self.verb}{self._value(c, v)}"
@@ -89,7 +91,7 @@ class RowSerializer:
         with errors="coerce".
         """
         if errors not in ("raise", "coerce"):
-            raise ValueError(f"errors={errors!r}; valid: raise, coerce")
+            raise SaefeatError(f"errors={errors!r}; valid: raise, coerce")
         order = {c: i for i, c in enumerate(self.columns)}
         rows = []
         for r, text in enumerate(texts):
@@ -117,7 +119,7 @@ class RowSerializer:
         except ValueError:
             if errors == "coerce":
                 return np.nan
-            raise ValueError(f"row {row}, column {column!r}: {value!r} is not a number") from None
+            raise SaefeatError(f"row {row}, column {column!r}: {value!r} is not a number") from None
 
 
 def _is_missing(v: object) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from saefeat.errors import SaefeatError
 from saefeat.tabular.concepts import Concept
 from saefeat.tabular.schema import TableSchema
 
@@ -52,7 +53,7 @@ class ConditionalSynthesizer:
     def __init__(self, schema: TableSchema, method: str = "gaussian_copula", epochs: int = 300, seed: int = 0,
                  **kwargs):
         if method not in METHODS:
-            raise ValueError(f"synth.method={method!r}; valid: {', '.join(METHODS)}")
+            raise SaefeatError(f"synth.method={method!r}; valid: {', '.join(METHODS)}")
         self.schema, self.method, self.epochs, self.seed, self.kwargs = schema, method, epochs, seed, kwargs
 
     def _build(self):
@@ -70,7 +71,7 @@ class ConditionalSynthesizer:
         if sorted(df.columns) != sorted(self.schema.columns):
             extra = sorted(set(df.columns) - set(self.schema.columns))
             lacking = sorted(set(self.schema.columns) - set(df.columns))
-            raise ValueError(f"the training table does not match the schema: extra columns {extra}, "
+            raise SaefeatError(f"the training table does not match the schema: extra columns {extra}, "
                              f"missing columns {lacking}")
         _seed_everything(self.seed)
         self.model_ = self._build()
@@ -95,9 +96,9 @@ class ConditionalSynthesizer:
 
         for col, v in values.items():
             if col not in self.schema.types:
-                raise ValueError(f"condition on unknown column {col!r}; columns: {self.schema.columns}")
+                raise SaefeatError(f"condition on unknown column {col!r}; columns: {self.schema.columns}")
             if col in self.categories_ and str(v) not in self.categories_[col]:
-                raise ValueError(f"condition {col}={v!r}: value never seen in training; "
+                raise SaefeatError(f"condition {col}={v!r}: value never seen in training; "
                                  f"seen: {sorted(self.categories_[col])[:20]}")
         cond = Condition(num_rows=int(n), column_values=dict(values))
         with warnings.catch_warnings():
@@ -106,7 +107,7 @@ class ConditionalSynthesizer:
         if len(rows) < n:
             logger.warning("condition %s: SDV returned %d of %d rows", dict(values), len(rows), n)
         if len(rows) == 0:
-            raise ValueError(f"condition {dict(values)}: the synthesizer produced no matching row")
+            raise SaefeatError(f"condition {dict(values)}: the synthesizer produced no matching row")
         return self._clean(rows)
 
     def sample_concept(self, concept: Concept, n: int, **conditions: str) -> pd.DataFrame:

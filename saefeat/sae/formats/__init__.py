@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from saefeat.errors import SaefeatError, SAEFormatError, SAESiteError
+from saefeat.errors import MissingFileError, SaefeatError, SAEFormatError, SAESiteError
 from saefeat.sae.formats import gemmascope, native, saelens, sparsify
 from saefeat.sae.formats._common import Format, Parsed
 from saefeat.sae.model import SAE
@@ -73,7 +73,7 @@ def default_sae_path(host: str) -> Path:
     path = DEFAULTS_DIR / host
     if not (path / SAEFEAT_META).is_file():
         shipped = sorted(p.name for p in DEFAULTS_DIR.glob("*") if (p / SAEFEAT_META).is_file())
-        raise FileNotFoundError(f"no default SAE ships for host {host!r}; shipped defaults: {shipped}")
+        raise MissingFileError(f"no default SAE ships for host {host!r}; shipped defaults: {shipped}")
     return path
 
 
@@ -98,7 +98,7 @@ def detect_format(path: Path) -> str:
 def _parse(path: str | Path) -> tuple[Path, Format, Parsed]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"SAE path not found: {path}")
+        raise MissingFileError(f"SAE path not found: {path}")
     if path.is_file():
         path = path.parent
     fmt = _format_of(path)
@@ -126,6 +126,9 @@ def load_sae(path: str | Path, device: str | torch.device | None = None) -> SAE:
         if tuple(parsed.weights[name].shape) != tuple(want.shape):
             raise SAEFormatError(f"{path}: tensor {name} has shape {tuple(parsed.weights[name].shape)}, "
                                  f"expected {tuple(want.shape)}")
+    bad = [name for name, t in parsed.weights.items() if not torch.isfinite(t.float()).all()]
+    if bad:  # a NaN would silently zero every embedding
+        raise SAEFormatError(f"{path}: tensor(s) {sorted(bad)} hold NaN or infinite values")
     sae.load_state_dict({k: v.float() for k, v in parsed.weights.items()})
     sae.content_hash = _parsed_hash(fmt.name, parsed)
     if device is not None:
