@@ -146,3 +146,10 @@ def test_cli_prints_its_own_errors_in_one_line_and_lets_bugs_raise(tmp_path, mon
     monkeypatch.setattr(command, "embed_file", lambda cfg: {}["a bug"])
     res = CliRunner().invoke(app, ["embed", f"input={tmp_path / 'x.jsonl'}", f"output={tmp_path / 'o.npz'}"])
     assert res.exit_code == 1 and isinstance(res.exception, KeyError)  # a bug is not dressed up as bad input
+
+
+def test_out_of_range_alpha_and_sae_k_are_refused(small_index, tmp_path):
+    with pytest.raises(SaefeatError, match="alpha"):
+        small_index.search("statins", alpha=7)
+    with pytest.raises(SaefeatError, match="exceeds the SAE's 512 latents"):
+        SAEEmbedder("minilm", sae=random_sae(tmp_path / "sae"), sae_k=513, cache_dir=False)

@@ -22,7 +22,7 @@ def test_a_section_is_not_overwritten_by_a_scalar():
         load_config("embed", ["embed=/some/folder"])
 
 
-@pytest.mark.parametrize("kind", ["tasks", "embed", "index", "describe", "explain"])
+@pytest.mark.parametrize("kind", ["tasks", "embed", "index", "describe", "explain", "probe"])
 def test_sae_means_the_same_in_every_command(kind):
     extra = {"embed": ["input=a", "output=b.npz"], "index": ["input=a", "output=b"]}.get(kind, [])
     assert load_config(kind, ["sae=/some/folder", *extra]).embed.sae == "/some/folder"

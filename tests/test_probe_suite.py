@@ -145,6 +145,7 @@ def test_probe_sae_end_to_end_logs_a_parent_and_a_child_per_probe(shared):
     assert {"toxicity: roc_auc", "scifact: ndcg_at_10", "earnings: cv_roc_auc", "core: l0"} <= set(table.index)
     assert {"sae", "dense", "dense_last", "sentence", "sae-dense"} <= set(table.columns)
     assert np.isnan(table.loc["core: l0", "dense"])  # the SAE's own metrics have no baseline
+    assert np.isfinite(table.loc["earnings: cv_roc_auc", ["sae", "dense", "dense_last", "sentence"]]).all()
     runs = mlflow.search_runs(experiment_names=["probe-sae"])
     parent = runs[runs["tags.saefeat.role"] == "parent"]
     assert len(parent) == 1

@@ -72,6 +72,8 @@ class SAEEmbedder:
             if config.sae_k is not None:
                 if not self.sae.is_topk:
                     raise SaefeatError(f"sae_k applies to TopK SAEs only; this is a {self.sae.cfg.architecture} SAE")
+                if config.sae_k > self.sae.d_sae:
+                    raise SaefeatError(f"embed.sae_k={config.sae_k} exceeds the SAE's {self.sae.d_sae} latents")
                 self.sae.cfg.k = int(config.sae_k)
         self.pooling, self.pool_k = config.pooling, config.pool_k
         self.window = min(config.window or self._default_window(), self.host.window_capacity)

@@ -278,6 +278,8 @@ class SAEIndex:
             raise SaefeatError(f"mode={mode!r} needs a dense side; this index was built with dense=None")
         if k < 1:
             raise SaefeatError(f"k must be at least 1, got {k}")
+        if not 0.0 <= alpha <= 1.0:
+            raise SaefeatError(f"alpha (the SAE side's weight in hybrid) must be in [0, 1], got {alpha}")
         single = isinstance(query, str)
         queries = check_texts([query] if single else list(query), field="query", allow_empty=False)
         Q = self.encode(queries, show_progress_bar=False) if mode != "dense" else None
