@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("SAEFEAT_DATA_DIR", REPO.parent / "shared" / "data"))
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from _offline import DATA  # noqa: E402  (sets the offline environment first)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -64,7 +55,8 @@ def task_config(overrides: list[str]):
 # ---- SciFact ----------------------------------------------------------------------------------
 def bench_scifact(args) -> dict:
     from saefeat.retrieval.evaluation import load_beir, per_query_scores, retrieval_report, to_run
-    from saefeat.tasks.retrieval import build_index, rank_all
+    from saefeat.retrieval.retrievers import make_retriever
+    from saefeat.tasks.retrieval import build_index
 
     cfg = task_config([f"embed.pooling={args.pooling}"])
     data = load_beir(DATA / "retrieval" / "scifact", "train")
@@ -75,9 +67,15 @@ def bench_scifact(args) -> dict:
     index = build_index(data.texts, data.doc_ids, cfg)
     console.print(f"index built in {time.perf_counter() - t0:.0f} s ({index.vectors.nnz / len(index):.0f} "
                   f"latents per document, {args.pooling} pooling)")
-    rows, cache, per_query = {}, {}, {}
+    rows, per_query = {}, {}
+    depth, e = int(cfg.retrieval.depth), cfg.embed
+
+    def rank_all(rep: str, alpha: float = float(cfg.retrieval.alpha)):
+        retriever = make_retriever(rep, index, alpha, cfg.baselines.sentence_model, e.batch_size, False)
+        return retriever.search(queries, depth)
+
     for rep in ("sae", "dense", "sentence", "hybrid", "bm25"):
-        r, s = rank_all(rep, index, queries, cfg, cache)
+        r, s = rank_all(rep)
         pq = per_query_scores(data.qrels, to_run(qids, index.ids, r, s))
         per_query[rep] = pq
         m = retrieval_report(pq, 1000, 0)
@@ -85,7 +83,7 @@ def bench_scifact(args) -> dict:
                      "Recall@100": f"{m['recall_at_100']:.3f} [{m['recall_at_100_lo']:.3f}, "
                                    f"{m['recall_at_100_hi']:.3f}]"}
     for alpha in (0.3, 0.7):  # sensitivity of the fusion weight (train queries; the test split is held out)
-        r, s = rank_all("hybrid", index, queries, OmegaConf.merge(cfg, {"retrieval": {"alpha": alpha}}), cache)
+        r, s = rank_all("hybrid", alpha)
         m = retrieval_report(per_query_scores(data.qrels, to_run(qids, index.ids, r, s)), 1000, 0)
         rows[f"hybrid a={alpha}"] = {"nDCG@10": f"{m['ndcg_at_10']:.3f}", "Recall@100": f"{m['recall_at_100']:.3f}"}
     show(pd.DataFrame.from_dict(rows, orient="index").rename_axis("representation"),

@@ -12,18 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("SAEFEAT_DATA_DIR", REPO.parent / "shared" / "data"))
 
 import pandas as pd  # noqa: E402
+from _offline import DATA  # noqa: E402  (sets the offline environment first)
 from rich.console import Console  # noqa: E402
 
 console = Console(width=200)

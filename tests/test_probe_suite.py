@@ -54,6 +54,8 @@ def test_quick_sizes_yield_to_explicit_overrides(data_dir):
 
     with pytest.raises(ConfigError, match="unknown.*valid: core"):
         probe_config([f"data_dir={data_dir}", "probes=[core,nope]"])
+    with pytest.raises(ConfigError, match="scores an SAE"):
+        probe_config([f"data_dir={data_dir}", "sae=null"])
 
 
 def test_sides_read_the_sae_layer_and_the_last_block(shared):

@@ -61,6 +61,8 @@ def probe_config(overrides: Sequence[str] = ()) -> DictConfig:
     bad = [p for p in cfg.probes if p not in PROBES]
     if bad:
         raise ConfigError(f"probes: unknown {bad}; valid: {', '.join(PROBES)}")
+    if cfg.embed.sae is None:
+        raise ConfigError("probe-sae scores an SAE: give sae=default or sae=PATH, not null")
     return cfg
 
 
