@@ -153,3 +153,52 @@ def test_out_of_range_alpha_and_sae_k_are_refused(small_index, tmp_path):
         small_index.search("statins", alpha=7)
     with pytest.raises(SaefeatError, match="exceeds the SAE's 512 latents"):
         SAEEmbedder("minilm", sae=random_sae(tmp_path / "sae"), sae_k=513, cache_dir=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_damaged_cache_shard_is_deleted_and_recomputed(tmp_path, damage):
+    sae = random_sae(tmp_path / "sae")
+    ref = SAEEmbedder("minilm", sae=sae, cache_dir=False, precision="fp32")
+    fresh, fresh_dense = ref.encode(DOCS).toarray(), ref.encode_dense(DOCS)
+    SAEEmbedder("minilm", sae=sae, cache_dir=tmp_path / "c", precision="fp32").encode(DOCS)
+    shards = sorted((tmp_path / "c").rglob("shard-*.npz"))
+    assert shards
+    for shard in shards:
+        data = bytearray(shard.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        elif damage == "flip":  # bytes flipped across the middle of the file (array data, covered by CRC and checksum)
+            for i in range(len(data) * 2 // 5, len(data) * 3 // 5, 97):
+                data[i] ^= 0xFF
+        else:
+            data = bytearray()
+        shard.write_bytes(bytes(data))
+    again = SAEEmbedder("minilm", sae=sae, cache_dir=tmp_path / "c", precision="fp32")
+    np.testing.assert_array_equal(again.encode(DOCS).toarray(), fresh)
+    np.testing.assert_allclose(again.encode_dense(DOCS), fresh_dense, rtol=1e-5, atol=1e-6)
+    sae_dir = again._cache("sae").dir
+    assert not any(s.exists() for s in shards if s.parent == sae_dir)  # deleted, fresh shards took their place
+    third = SAEEmbedder("minilm", sae=sae, cache_dir=tmp_path / "c", precision="fp32")  # as a new process sees it
+    np.testing.assert_array_equal(third.encode(DOCS).toarray(), fresh)
+    np.testing.assert_allclose(third.encode_dense(DOCS), fresh_dense, rtol=1e-5, atol=1e-6)
+    assert all(doc_hash_in(third, d) for d in DOCS)
+
+
+def doc_hash_in(embedder, text):
+    from saefeat.embed.cache import doc_hash
+
+    return doc_hash(text) in embedder._cache("sae")
+
+
+def test_nan_statistics_are_never_cached(tmp_path):
+    import scipy.sparse as sp
+
+    from saefeat.embed.cache import StatsCache
+    from saefeat.embed.pooling import TokenStats
+
+    cache = StatsCache(tmp_path, {"kind": "sae", "x": 1})
+    good = sp.csr_matrix(np.array([[1.0, 0.0], [np.nan, 2.0], [0.0, 0.0]], np.float32))
+    stats = TokenStats(np.array([3, 4, 5]), good, good, good, good)
+    cache.put(["a", "b", "c"], stats)
+    assert "a" in cache and "b" not in cache and "c" not in cache  # NaN row, and no activity over 5 tokens
+    np.testing.assert_array_equal(StatsCache(tmp_path, {"kind": "sae", "x": 1}).get(["a"]).sum.toarray(), [[1, 0]])

@@ -174,6 +174,8 @@ class SAEEmbedder:
             show_progress_bar = self.config.show_progress_bar
         hashes = [doc_hash(t) for t in texts]
         cache = self._cache(kind)
+        if cache is not None:
+            cache.verify(hashes)  # damaged shards are dropped here, so their documents are recomputed below
         sources: list[TokenStats] = []
         refs: dict[str, tuple[int, int]] = {}  # document hash -> (source, row)
         todo = list(dict.fromkeys(h for h in hashes if cache is None or h not in cache))

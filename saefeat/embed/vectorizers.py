@@ -160,6 +160,8 @@ class SentenceVectorizer(_LazyModel):
             cache = StatsCache(self.cache_dir or default_cache_dir(),
                                {"kind": "sentence", "model": self.model, "precision": self._precision()})
         hashes = [doc_hash(t) for t in texts]
+        if cache is not None:
+            cache.verify(hashes)
         todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
         out = np.zeros((len(texts), self._dim()), np.float32)
         if todo:
