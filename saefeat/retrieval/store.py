@@ -12,8 +12,6 @@ crash never leaves a half-written index under the target name.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from saefeat.atomic import replace_dir
+from saefeat.atomic import atomic_dir
 from saefeat.errors import MissingFileError, OutputExistsError, SaefeatError
 from saefeat.sae.formats import file_hash
 
@@ -55,9 +53,8 @@ def write_index(path: str | Path, postings: sp.csc_matrix, ids: list[str], texts
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_index_folder(target))):
         raise OutputExistsError(f"{target} exists and is not a saefeat index (no saefeat {MANIFEST}); refusing to "
                                 "replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         sp.save_npz(tmp / POSTINGS, postings, compressed=False)
         pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}),
                        tmp / DOCS)
@@ -65,13 +62,11 @@ def write_index(path: str | Path, postings: sp.csc_matrix, ids: list[str], texts
         if dense_index is not None:
             faiss.write_index(dense_index, str(tmp / DENSE))
             files.append(DENSE)
-        manifest = {"format": FORMAT, "version": VERSION, **manifest,
-                    "files": {f: {"sha256": file_hash(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        full = {"format": FORMAT, "version": VERSION, **manifest,
+                "files": {f: {"sha256": file_hash(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=str))
+
+    atomic_dir(target, write)
     return target
 
 
