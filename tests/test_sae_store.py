@@ -170,3 +170,25 @@ def test_batchtopk_saes_load_and_encode_with_the_learned_threshold(store, tmp_pa
     assert per_token.std() > 0  # a threshold, not a per-token top k
     assert per_token.mean().item() == pytest.approx(metrics["l0"], abs=0.5)  # metrics: the fp32 SAE
     assert 0.3 * 4 < metrics["l0"] < 3 * 4
+
+
+def test_a_checkpoint_continues_as_a_run_of_another_length_while_the_schedules_agree(store, tmp_path):
+    steps = _recipe("topk").steps(store.train_tokens)  # the 2-epoch run
+    assert steps >= 10  # its LR decays from step 0.8 * steps on; the checkpoint at step 4 is before that
+    _, _, whole = train_from_store(store, _recipe("topk"), tmp_path / "whole", half=False, show_progress_bar=False)
+
+    def stop_at(step_to_stop):
+        def log(_, step):
+            if step == step_to_stop:
+                raise KeyboardInterrupt
+        return log
+
+    with pytest.raises(KeyboardInterrupt):  # a 3-epoch run, cut after its step-4 checkpoint
+        train_from_store(store, _recipe("topk", epochs=3), tmp_path / "cut", log=stop_at(4), half=False,
+                         show_progress_bar=False)
+    _, _, cut = train_from_store(store, _recipe("topk"), tmp_path / "cut", half=False, show_progress_bar=False)
+    a, b = load_file(str(whole / "sae.safetensors")), load_file(str(cut / "sae.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # the finished 2-epoch checkpoint has decayed its LR: as the start of a 3-epoch run it would be wrong
+    with pytest.raises(TrainingRunError):
+        train_from_store(store, _recipe("topk", epochs=3), tmp_path / "cut", show_progress_bar=False)

@@ -138,6 +138,11 @@ class Objective:
             raise SaefeatError(f"unknown training architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """The LR multiplier at `step` of `steps`: linear warm-up, constant, linear decay over the last 20%."""
+    return min(1.0, (step + 1) / warmup_steps) * min(1.0, 5 * (steps - step) / steps)
+
+
 class SAETrainer:
     """One SAE's optimisation state (Adam, LR schedule, dead-latent clock, threshold) and its training step.
 
@@ -156,8 +161,7 @@ class SAETrainer:
             sae.threshold.requires_grad_(False)
         self.params = [getattr(sae, n) for n in self.PARAMS]
         self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warmup_steps) * min(1.0, 5 * (steps - s) / steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup_steps))
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device)
         self.threshold: float | None = None
         self.step_count = 0
@@ -340,6 +344,8 @@ class StoreTrainConfig:
 
     # settings that never change the trained weights: they may differ when a run resumes
     RUNTIME_KEYS = ("checkpoint_every", "log_every", "eval_every", "eval_tokens")
+    # the run's length: a checkpoint resumes under another length while the LR schedules agree up to its step
+    LENGTH_KEYS = ("epochs", "total_tokens")
 
     def __post_init__(self) -> None:
         Objective(self.architecture)  # validates the name
@@ -348,6 +354,11 @@ class StoreTrainConfig:
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_KEYS}
+
+    def steps(self, train_tokens: int) -> int:
+        """Optimiser steps of this recipe on a store with `train_tokens` training tokens."""
+        total = self.total_tokens or int(self.epochs * train_tokens)
+        return max(1, math.ceil(total / self.batch_size))
 
 
 class TrainingRunError(SaefeatError):
@@ -369,6 +380,26 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         info = json.loads(fh.metadata()["saefeat_checkpoint"])
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     return tensors, info
+
+
+def _resumable(info: dict[str, Any], identity: dict[str, Any], cfg: StoreTrainConfig, steps: int,
+               train_tokens: int) -> bool:
+    """Whether a checkpoint is a prefix of this run: same recipe, store and layer up to the run's length,
+    and an LR schedule that agrees with this run's at every step taken so far."""
+    old = info["identity"]
+
+    def shape(ident: dict[str, Any]) -> dict[str, Any]:
+        recipe = {k: v for k, v in ident["recipe"].items() if k not in StoreTrainConfig.LENGTH_KEYS}
+        return {**ident, "recipe": recipe}
+
+    if old == identity:
+        return True
+    if shape(old) != shape(identity):
+        return False
+    old_cfg = StoreTrainConfig(**old["recipe"])
+    old_steps, done = old_cfg.steps(train_tokens), int(info["step"])
+    return done <= min(old_steps, steps) and all(
+        lr_factor(s, old_steps, cfg.warmup_steps) == lr_factor(s, steps, cfg.warmup_steps) for s in range(done + 1))
 
 
 def _eval_batches(acts: np.ndarray, device: torch.device, batch: int = 4096) -> Iterator[torch.Tensor]:
@@ -399,15 +430,18 @@ def train_from_store(store: ActivationStore, cfg: StoreTrainConfig, output: str 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     precision = "bf16" if cfg.bf16 else "fp32"
     identity = {"recipe": cfg.identity(), "store": store.fingerprint, "layer": cfg.layer}
-    total = cfg.total_tokens or int(cfg.epochs * store.train_tokens)
-    steps = max(1, math.ceil(total / cfg.batch_size))
+    steps = cfg.steps(store.train_tokens)
     ckpt = output / CHECKPOINT
     saved = _read_checkpoint(ckpt) if ckpt.is_file() else None
-    if saved is not None and saved[1]["identity"] != identity:
+    if saved is not None and not _resumable(saved[1], identity, cfg, steps, store.train_tokens):
         if not overwrite:
             raise TrainingRunError(f"{ckpt} belongs to another recipe or store; pass overwrite=True or use "
                                    "another output folder")
         saved = None
+    if saved is not None and saved[1]["identity"] != identity:
+        print(f"{ckpt}: step {saved[1]['step']} of a run of another length, the same as step "
+              f"{saved[1]['step']} of this one (same LR up to there); continuing it as {steps} steps", flush=True)
+        saved[1]["identity"] = identity
     torch.manual_seed(cfg.seed)
     if saved is None:
         sample = torch.from_numpy(next(store.batches(cfg.layer, cfg.batch_size, cfg.seed,
