@@ -5,10 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -139,17 +136,12 @@ def explain(overrides: list[str] = Overrides) -> None:
 
 
 @app.command()
-def ui(port: int = typer.Option(5000, help="port of the MLflow UI"),
-       host: str = typer.Option("127.0.0.1", help="address to bind")) -> None:
-    """Start the MLflow UI on the project's store (./mlruns or $MLFLOW_TRACKING_URI)."""
-    from saefeat.tracking import default_tracking_uri
+@_friendly
+def ui(overrides: list[str] = Overrides) -> None:
+    """The MLflow UI on the store: `saefeat ui [store=PATH|URI] [task=earnings] [port=5000] [workers=N]`."""
+    from saefeat.commands.ui import ui as run_ui
 
-    uri = default_tracking_uri()
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if uri.startswith("sqlite:///"):
-        cmd += ["--default-artifact-root", (Path.cwd() / "mlruns" / "artifacts").as_uri()]
-    console.print(f"MLflow UI on http://{host}:{port} (store: {uri})")
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(run_ui(overrides or []))
 
 
 if __name__ == "__main__":

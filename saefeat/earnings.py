@@ -55,14 +55,16 @@ def load_calls(path: str | Path, text_field: str = "text", label_field: str = "s
 
 def split_calls(df: pd.DataFrame, label_field: str = "surprise_label", date_field: str = "report_date",
                 group_field: str | None = "ticker", kind: str = "temporal", test_per_group: int | None = 8,
-                test_fraction: float = 0.2, seed: int = 0, source: str = "the calls") -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, test): temporal = the last `test_per_group` calls of each group (without groups, the
-    latest `test_fraction`), random = a stratified random split. A split holding one class only is a DataError."""
+                test_fraction: float = 0.2, seed: int = 0, source: str = "the calls", cut: str = "global",
+                purge_days: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, test): temporal = `saefeat.evaluation.splits.temporal_split` (by default one date cut
+    for all groups, test sized `test_per_group` calls per group, or the latest `test_fraction` without groups);
+    random = a stratified random split. A split holding one class only is a DataError."""
     y = df[label_field].to_numpy()
     if kind == "temporal":
         groups = df[group_field] if group_field else None
         train, test = temporal_split(df[date_field], groups, test_per_group if groups is not None else None,
-                                     float(test_fraction))
+                                     float(test_fraction), cut, int(purge_days))
     elif kind == "random":
         train, test = random_split(len(df), float(test_fraction), int(seed), y)
     else:

@@ -11,6 +11,7 @@ from saefeat.embed.vectorizers import DenseVectorizer, SAEVectorizer, SentenceVe
 from saefeat.errors import SaefeatError
 
 REPRESENTATIONS = ("sae", "dense", "sentence", "tfidf")
+SAE_BASED = ("sae", "hybrid")  # representations whose features are SAE latents (retrieval's hybrid fuses them)
 
 
 def make_representation(name: str, embed: EmbedConfig | None = None,
@@ -33,3 +34,32 @@ def make_representation(name: str, embed: EmbedConfig | None = None,
         return TfidfVectorizer(sublinear_tf=True, min_df=3, max_df=0.95, max_features=baselines.tfidf_max_features,
                                ngram_range=(1, 2), dtype=np.float32)
     raise SaefeatError(f"unknown representation {name!r}; valid: {', '.join(REPRESENTATIONS)}")
+
+
+def describe_representation(name: str, embed: EmbedConfig | None = None,
+                            baselines: BaselineConfig | None = None) -> dict[str, str]:
+    """What `name`'s features are computed with, resolved (host and its weight hash, layer, hook, SAE and its hash,
+    pooling, precision, backend, device, kernel): the params of a child run. {} for a name that is not a
+    representation (a task's own row sets, say); the host is loaded for `sae`, `dense` and `hybrid`."""
+    from saefeat.embed.vectorizers import get_embedder
+    from saefeat.provenance import embedder_provenance
+    from saefeat.sae.formats import default_sae_path
+
+    embed, baselines = embed or EmbedConfig(), baselines or BaselineConfig()
+    if name in SAE_BASED or name == "dense":
+        out = embedder_provenance(get_embedder(embed))
+        if name == "dense":
+            drop = ("sae_hash", "sae_k", "topk_kernel")
+            return {k: v for k, v in out.items() if k not in drop} | {"pooling": baselines.dense_pooling}
+        sae = str(default_sae_path(embed.model)) if embed.sae == "default" else str(embed.sae)
+        return out | {"sae_id": sae, "pooling": embed.pooling,
+                      "pool_k": str(embed.pool_k) if embed.pooling in ("topk", "log1p_topk") else "none"}
+    if name == "sentence":
+        from saefeat.device import resolve_device, resolve_precision
+
+        device = resolve_device(embed.device)
+        return {"sentence_model": baselines.sentence_model, "device": str(device), "backend": "torch",
+                "precision": resolve_precision(device, embed.precision)}
+    if name == "tfidf":
+        return {"tfidf_max_features": str(baselines.tfidf_max_features)}
+    return {}

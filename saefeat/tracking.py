@@ -47,15 +47,21 @@ def setup_tracking(uri: str | None = None) -> str:
 
 
 def ensure_experiment(name: str) -> str:
-    """Experiment id, creating it with artifacts under ./mlruns/artifacts when the store is local."""
+    """Experiment id, creating it with artifacts under ./mlruns/artifacts when the store is local; the UI opens
+    it in the model-training view."""
+    from saefeat.ui import mark_model_training
+
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        mark_model_training(exp.experiment_id)
         return exp.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:///"):
         root = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent / "artifacts" / name
         location = root.resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    exp_id = mlflow.create_experiment(name, artifact_location=location)
+    mark_model_training(exp_id)
+    return exp_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -13,7 +13,6 @@ and a capability check compares perplexity on held-out book paragraphs.
 from __future__ import annotations
 
 import logging
-import time
 
 import mlflow
 import numpy as np
@@ -60,7 +59,6 @@ def check_config(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """`saefeat run task=detox`: filter comparison (child run per representation), then the steering tiers."""
-    t0 = time.time()
     check_config(cfg)
     d, s, seed = cfg.data, cfg.steering, int(cfg.seed)
     texts, y = load_labelled_comments(d.comments, d.text_field, d.label_field)
@@ -81,15 +79,13 @@ def run(cfg: DictConfig) -> dict:
                            "val_toxic_rate": round(float(y[val].mean()), 4)})
         settings = representation_settings(embed_config(cfg), baseline_config(cfg))
         for name in cfg.representations:
-            with task.child(name, {"representation": name}) as metrics:
-                t_rep = time.time()
+            with task.child(name) as metrics:
                 filt = ToxicityFilter(name, settings, C=float(cfg.filter.C), max_iter=int(cfg.filter.max_iter),
                                       target=str(cfg.filter.target), target_value=float(cfg.filter.target_value),
                                       prior=float(cfg.split.toxic_rate))
                 filt.fit(pick(train), y[train], pick(calib), y[calib])
                 scores = filt.predict_proba(pick(val))[:, 1]
                 metrics.update(filter_report(y[val], scores, filt.threshold_, int(cfg.bootstrap), seed))
-                metrics["seconds"] = time.time() - t_rep
                 filt.log_model("toxicity_filter")
                 if name == "sae":  # the latents that drive the filter: separation scores and the latent report
                     ranking = rank_toxic_latents(filt.transform(pick(train)), y[train], filt.coef_,
@@ -101,7 +97,6 @@ def run(cfg: DictConfig) -> dict:
                 results["filters"][name] = dict(metrics)
         if s.enabled:
             results["steering"] = _steering(cfg, pick(train), y[train], prompts, paragraphs)
-        mlflow.log_metric("wall_seconds", time.time() - t0)
     return results
 
 

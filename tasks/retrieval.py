@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from saefeat.config import baseline_config, embed_config
 from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun
-from saefeat.explain.report import log_latent_report
+from saefeat.explain.report import LatentReport, latent_report
 from saefeat.retrieval.evaluation import load_beir, per_query_scores, retrieval_report, subset, to_run
 from saefeat.retrieval.index import SAEIndex
 from saefeat.retrieval.retrievers import RETRIEVERS, latent_contributions, make_retriever
@@ -40,15 +40,17 @@ def build_index(texts: list[str], ids: list[str], cfg: DictConfig) -> SAEIndex:
                           show_progress_bar=cfg.embed.show_progress_bar)
 
 
-def log_latents(index: SAEIndex, importance: pd.Series, n: int) -> None:
-    """The latents that drove the SAE ranking: a table and the explanation report."""
+def log_latents(index: SAEIndex, importance: pd.Series, n: int) -> LatentReport | None:
+    """The latents that drove the SAE ranking: a table and the explanation report (returned for other runs)."""
     if importance.empty:
-        return
+        return None
     top = importance.head(n)
     mlflow.log_table(pd.DataFrame({"latent": top.index.astype(int), "contribution": top.to_numpy(),
                                    "docs_firing": index.df[top.index.to_numpy(int)]}), "top_latents.json")
-    log_latent_report(index.embedder, top.index.to_numpy(int).tolist(), top.to_numpy(), texts=index.texts,
-                      title="latents behind the SAE ranking of relevant SciFact abstracts")
+    report = latent_report(index.embedder, top.index.to_numpy(int).tolist(), top.to_numpy(), texts=index.texts,
+                           title="latents behind the SAE ranking of relevant SciFact abstracts")
+    report.log()
+    return report
 
 
 def plot_per_query(per_query: dict[str, np.ndarray]):
@@ -79,17 +81,20 @@ def run(cfg: DictConfig) -> dict:
     with TaskRun(cfg) as tr:
         mlflow.log_params({"n_docs": len(data.doc_ids), "n_queries": len(qids),
                            "sae_latents_per_doc": round(index.vectors.nnz / len(index), 1)})
-        for rep in reps:
+        report = None
+        for rep in sorted(reps, key=lambda r: r != "sae"):  # sae first: hybrid carries its latent report too
             retriever = make_retriever(rep, index, float(cfg.retrieval.alpha), cfg.baselines.sentence_model,
                                        e.batch_size, e.show_progress_bar)
             rows, scores = retriever.search(queries, int(cfg.retrieval.depth))
             pq = per_query_scores(data.qrels, to_run(qids, index.ids, rows, scores))
             per_query[rep] = pq["ndcg_at_10"]
-            with tr.child(rep, {"pooling": cfg.embed.pooling} if rep in ("sae", "hybrid") else None) as m:
+            with tr.child(rep, {"alpha": float(cfg.retrieval.alpha)} if rep == "hybrid" else None) as m:
                 m.update(retrieval_report(pq, int(cfg.bootstrap), int(cfg.seed)))
                 if rep == "sae":
                     imp = latent_contributions(retriever, queries, rows, qids, data.qrels)
-                    log_latents(index, imp, int(cfg.explain_top))
+                    report = log_latents(index, imp, int(cfg.explain_top))
+                elif rep == "hybrid" and report is not None:
+                    report.log()
                 results[rep] = dict(m)
         mlflow.log_figure(plot_per_query(per_query), "ndcg_per_query.png")
     return results

@@ -24,8 +24,8 @@ import mlflow
 from omegaconf import DictConfig
 
 from saefeat.config import baseline_config, embed_config
-from saefeat.evaluation.comparison import TaskRun, plot_comparison
-from saefeat.explain.report import log_latent_report
+from saefeat.evaluation.comparison import TaskRun
+from saefeat.explain.report import latent_report
 from saefeat.representations import make_representation
 from saefeat.shortcut.data import load_benchmark
 from saefeat.shortcut.detect import ShortcutDetector
@@ -98,6 +98,11 @@ def run(cfg: DictConfig) -> dict:
             mlflow.log_table(det.scores_, "shortcut_latents.json")
             log_masked_examples(texts["train"], masks["dbr_sae"], "sae")
         print_shortcuts(ig_table, det, classes)
+        report = None  # the shortcut latents' report, carried by every SAE child
+        if det is not None and det.shortcut_latents_:
+            chosen = det.scores_[det.scores_.latent.isin(det.shortcut_latents_)].head(int(cfg.explain_top))
+            report = latent_report(sae_rep, chosen.latent.tolist(), chosen.score.tolist(), texts=texts["train"],
+                                   title="shortcut latents")
         masked_texts = {m: k.texts for m, k in masks.items()}
         for rep_name in reps:
             t_rep = time.time()
@@ -114,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
                     layer=cfg.embed.layer, lr=float(f.lr), head_lr=float(f.head_lr), epochs=int(f.epochs),
                     batch_size=int(f.batch_size), max_tokens=int(f.max_tokens), max_steps=f.max_steps,
                     device=cfg.embed.device, seed=seed, show_progress_bar=bool(cfg.embed.show_progress_bar))
-            mlflow.log_metric(f"{rep_name}_features_seconds", time.time() - t_rep)
+            embed_seconds = time.time() - t_rep
             t_m = time.time()
             erm = select_and_fit(trainer, y, None, None, **selection)
             erm_choice = (erm.params["weight_decay"], erm.params["select_accuracy"])
@@ -123,20 +128,16 @@ def run(cfg: DictConfig) -> dict:
                     t_m = time.time()
                 fitted = erm if method == "erm" else select_and_fit(trainer, y, method, erm_choice, **selection)
                 child = f"{method}/{rep_name}"
-                with task.child(child, {"method": method, "representation": rep_name, "mode": cfg.mode,
-                                                 "masking": cfg.masking, **fitted.params}) as metrics:
+                with task.child(rep_name, {"mode": cfg.mode, "masking": cfg.masking, **fitted.params},
+                                method=method) as metrics:
                     metrics.update(evaluate(trainer, fitted, y, list(bench.ood), masks, n_boot, seed))
-                    metrics["seconds"] = time.time() - t_m  # selection and fit (features excluded)
+                    # fit_seconds: selection and fit; embed_seconds: this representation's features (shared)
+                    metrics |= {"fit_seconds": time.time() - t_m, "embed_seconds": embed_seconds}
                     mlflow.log_table(fitted.selection, "selection.json")
-                    if method == "dbr_sae" and rep_name == "sae" and det is not None and det.shortcut_latents_:
-                        chosen = det.scores_[det.scores_.latent.isin(det.shortcut_latents_)].head(int(cfg.explain_top))
-                        log_latent_report(sae_rep, chosen.latent.tolist(), chosen.score.tolist(),
-                                          texts=texts["train"], title="shortcut latents")
-                results[child] = dict(metrics)
-        table = task.table()
-        mlflow.log_figure(plot_comparison(table, ["in_domain_accuracy", "ood_accuracy"]), "accuracy.png")
+                    if report is not None and rep_name == "sae":
+                        report.log()
+                results[child] = dict(metrics) | {"lambda": float(fitted.params["lambda"])}
         if gains := method_gains(results, methods, reps):
             mlflow.log_metrics(gains)
-        mlflow.log_metric("seconds", time.time() - t0)
     logger.info("shortcut task finished in %.0f s", time.time() - t0)
     return results

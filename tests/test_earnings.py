@@ -115,3 +115,31 @@ def test_bad_rows_are_named_before_embedding(calls, tmp_path, monkeypatch):
         task.run(_cfg(_write(one_class, tmp_path / "one.jsonl")))
     with pytest.raises(DataError, match="missing column"):
         task.run(_cfg(_write(calls.drop(columns=["report_date"]), tmp_path / "nodate.jsonl")))
+
+
+def test_the_default_temporal_split_is_one_date_cut_across_tickers(data_dir):
+    """Real calls with uneven coverage (AAPL's last 3 years dropped), so tickers interleave in time. The global cut
+    never trains on a call later than a test call; the per-group cut (still an option) does: that is the
+    look-ahead it allows."""
+    from saefeat.earnings import load_calls, split_calls
+
+    df = load_calls(data_dir / "earnings" / "earnings_calls_10tech.jsonl.gz")
+    df = df[~((df.ticker == "AAPL") & (df.report_date >= "2019-06-01"))].reset_index(drop=True)
+    train, test = split_calls(df, test_per_group=8)
+    d = df["report_date"]
+    assert d.iloc[train].max() < d.iloc[test].min()
+    assert abs(len(test) - 8 * df["ticker"].nunique()) <= 3  # sized like 8 calls per ticker (ties on the cut date)
+    purged, test_p = split_calls(df, test_per_group=8, purge_days=30)
+    assert np.array_equal(test_p, test) and d.iloc[purged].max() < d.iloc[test].min() - pd.Timedelta(days=30)
+    old, old_test = split_calls(df, test_per_group=8, cut="per_group")
+    assert d.iloc[old].max() > d.iloc[old_test].min()  # per group: some training call is later than a test call
+
+
+def test_too_few_dates_for_the_folds_is_a_clear_error():
+    from saefeat.errors import SaefeatError
+    from saefeat.evaluation.splits import GroupedTimeSeriesSplit
+
+    dates = pd.to_datetime(["2020-01-01", "2020-01-01", "2020-02-01", "2020-03-01"])
+    with pytest.raises(SaefeatError, match="at least 5 distinct dates.*got 3.*cv.n_splits"):
+        list(GroupedTimeSeriesSplit(4).split(np.zeros((4, 1)), groups=dates))
+    assert len(list(GroupedTimeSeriesSplit(2).split(np.zeros((4, 1)), groups=dates))) == 2

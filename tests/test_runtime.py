@@ -147,9 +147,10 @@ def test_runs_record_what_ran_in_the_callers_store(tmp_path, monkeypatch):
         assert mlflow.get_tracking_uri() == uri  # start_run kept the caller's store
         runs = mlflow.search_runs(experiment_names=["provenance-test"])
         assert len(runs) == 2
-        for _, r in runs.iterrows():  # parent and child both say what ran
-            assert r["params.resolved.precision"] == "fp32" and r["params.resolved.backend"] == "torch"
-            assert r["params.resolved.device"] == "cpu" and len(r["params.resolved.host_fingerprint"]) == 16
+        for _, r in runs.iterrows():  # parent (resolved.*) and child (its representation's params) say what ran
+            p = "resolved." if r["tags.saefeat.role"] == "parent" else ""
+            assert r[f"params.{p}precision"] == "fp32" and r[f"params.{p}backend"] == "torch"
+            assert r[f"params.{p}device"] == "cpu" and len(r[f"params.{p}host_fingerprint"]) == 16
         parent = runs[runs["tags.saefeat.role"] == "parent"].iloc[0]
         assert parent["tags.version.torch"] == importlib.metadata.version("torch")
         assert parent["tags.saefeat.git_dirty"] in ("True", "False", "unknown")

@@ -4,9 +4,10 @@ logged with a plot of the SAE's gap to the dense baselines."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -177,6 +178,13 @@ class ProbeRun(TaskRun):
         self.results: dict[str, ProbeResult] = {}
         self.start = time.perf_counter() if start is None else start
 
+    @contextlib.contextmanager
+    def child(self, probe: str, params: dict[str, Any] | None = None,
+              method: str | None = None) -> Iterator[dict[str, float]]:
+        """A child run per probe (its rows hold every side: sae, dense, dense_last, sentence)."""
+        with self.open_child(probe, {"probe": probe, "saefeat.role": "probe"}, {"probe": probe} | (params or {})) as m:
+            yield m
+
     def table(self) -> pd.DataFrame:
         rows: dict[str, dict[str, float]] = {}
         for probe, result in self.results.items():
@@ -254,12 +262,10 @@ def probe_sae(cfg: DictConfig) -> pd.DataFrame:
     with ProbeRun(cfg, run_name, start) as run:
         mlflow.log_params({"sides": ",".join(s.name for s in sides)})
         for name in cfg.probes:
-            with run.child(name, {"probe": name}) as metrics:
-                t0 = time.perf_counter()
+            with run.child(name) as metrics:
                 logger.info("probe %s", name)
                 result = run_probe(name, cfg, data, sides)
                 metrics.update(result.flat())
-                metrics["seconds"] = time.perf_counter() - t0
             run.results[name] = result
         table = run.table()
     return table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
@@ -22,15 +23,40 @@ from saefeat.explain.tokens import token_pieces
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LatentReport:
+    """A latent report: the table (latent, importance, label, density, mean_act, examples) and its HTML page."""
+
+    title: str
+    table: pd.DataFrame
+    html: str
+
+    def log(self) -> pd.DataFrame:
+        """Log `<title>.json` and `<title>.html` to the active MLflow run; returns the table."""
+        if mlflow.active_run() is None:
+            logger.warning("latent report %r: no active MLflow run, nothing logged", self.title)
+            return self.table
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.title).strip("_") or "latents"
+        mlflow.log_table(self.table, f"{slug}.json")
+        mlflow.log_text(self.html, f"{slug}.html")
+        return self.table
+
+
 def log_latent_report(embedder, latents: Sequence[int], importance: Sequence[float],
                       texts: Sequence[str] | None = None, title: str = "top latents",
                       n_examples: int = 2) -> pd.DataFrame:
-    """Describe `latents` (with their `importance` in the fitted model) and log them to the active MLflow run.
+    """`latent_report(...)` logged to the active MLflow run (`<title>.json` and `<title>.html`); returns its table."""
+    return latent_report(embedder, latents, importance, texts, title, n_examples).log()
+
+
+def latent_report(embedder, latents: Sequence[int], importance: Sequence[float],
+                  texts: Sequence[str] | None = None, title: str = "top latents",
+                  n_examples: int = 2) -> LatentReport:
+    """Describe `latents` (with their `importance` in the fitted model): one row and one card each.
 
     Cards come from the latent store of the embedder's SAE when `saefeat describe-latents` has built one;
     otherwise contexts are found on the fly in `texts` (the task's own documents; a bounded number of them is
-    re-encoded). Logs `<title>.json` (mlflow.log_table) and `<title>.html` (tokens highlighted by activation)
-    when a run is active, and returns the table: latent, importance, label, density, mean_act, example_1..n.
+    re-encoded). The table has latent, importance, label, density, mean_act, example_1..n.
     """
     emb = _embedder(embedder)
     latents = [int(x) for x in latents]
@@ -61,13 +87,7 @@ def log_latent_report(embedder, latents: Sequence[int], importance: Sequence[flo
         rows.append(row)
     df = pd.DataFrame(rows, columns=["latent", "importance", "label", "density", "mean_act"]
                       + [f"example_{i + 1}" for i in range(n_examples)])
-    if mlflow.active_run() is not None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", title).strip("_") or "latents"
-        mlflow.log_table(df, f"{slug}.json")
-        mlflow.log_text(report_html(title, cards, importance, n_examples, note), f"{slug}.html")
-    else:
-        logger.warning("log_latent_report: no active MLflow run, nothing logged")
-    return df
+    return LatentReport(title, df, report_html(title, cards, importance, n_examples, note))
 
 
 def _embedder(obj) -> SAEEmbedder:

@@ -246,7 +246,7 @@ def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | Non
 def evaluate(trainer: Trainer, fitted: Fitted, y: dict[str, np.ndarray], ood_names: Sequence[str],
              reliance_on: Iterable[str], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """In-domain and out-of-domain accuracy (per set when there are several, and pooled) with bootstrap 95%
-    intervals, their gap, the chosen λ, and `reliance_<kind>` for each masking method in `reliance_on`."""
+    intervals, their gap, and `reliance_<kind>` for each masking method in `reliance_on`."""
     m = trainer.predict
     out = accuracy_report(y["in_domain"], m(fitted.model, "in_domain"), "in_domain", n_boot, seed)
     ood_pred = {name: m(fitted.model, f"ood:{name}") for name in ood_names}
@@ -256,7 +256,6 @@ def evaluate(trainer: Trainer, fitted: Fitted, y: dict[str, np.ndarray], ood_nam
     out |= accuracy_report(np.concatenate([y[f"ood:{k}"] for k in ood_names]),
                            np.concatenate([ood_pred[k] for k in ood_names]), "ood", n_boot, seed)
     out["gap"] = out["in_domain_accuracy"] - out["ood_accuracy"]
-    out["lambda"] = float(fitted.params["lambda"])
     for name in reliance_on:  # mean JSD(p(x) || p(x̃)) on training texts: reliance on each kind of shortcut token
         out[f"reliance_{name.removeprefix('dbr_')}"] = trainer.reliance(fitted.model, name)
     return out
