@@ -322,3 +322,22 @@ def test_dense_baseline_for_a_host_without_an_sae():
     np.testing.assert_allclose(X[1], h.mean(0).numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no SAE"):
         make_representation("sae", EmbedConfig(model=folder, sae=None, cache=False)).transform(DOCS)
+
+
+def test_the_cache_holds_a_bounded_number_of_shards_in_memory(sae_path, tmp_path, monkeypatch):
+    import saefeat.embed.embedder as mod
+    from saefeat.embed import cache
+
+    corpus = [f"Note {i}: " + "token " * (i % 13 + 2) for i in range(30)]
+    monkeypatch.setattr(mod, "_chunks", lambda items, sizes: (items[i:i + 4] for i in range(0, len(items), 4)))
+    emb = SAEEmbedder("minilm", sae=sae_path, cache_dir=tmp_path / "c", precision="fp32")
+    first = emb.encode(corpus)  # 8 shards written
+    store = cache.StatsCache(tmp_path / "c", emb.settings("sae"), max_loaded=3)
+    assert len(list(store.dir.glob("shard-*.npz"))) == 8
+    hashes = [cache.doc_hash(d) for d in corpus]
+    stats = store.get(hashes)  # every shard read, at most 3 kept
+    assert len(store._loaded) == 3
+    np.testing.assert_array_equal(stats.n_tokens, cache.StatsCache(tmp_path / "c", emb.settings("sae")).get(
+        hashes).n_tokens)
+    again = SAEEmbedder("minilm", sae=sae_path, cache_dir=tmp_path / "c", precision="fp32")
+    np.testing.assert_array_equal(again.encode(corpus).toarray(), first.toarray())

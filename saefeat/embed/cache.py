@@ -17,6 +17,7 @@ import logging
 import os
 import uuid
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,13 @@ def default_cache_dir() -> Path:
 
 
 class StatsCache:
-    """Token statistics keyed by document hash, for one combination of settings."""
+    """Token statistics keyed by document hash, for one combination of settings.
 
-    def __init__(self, root: str | Path, settings: dict[str, Any]):
+    At most `max_loaded` shards stay in memory (least recently used go first), so memory does not grow with the
+    corpus a long-lived process embeds.
+    """
+
+    def __init__(self, root: str | Path, settings: dict[str, Any], max_loaded: int = 64):
         version = STATS_VERSIONS.get(settings.get("kind"))
         if version is not None:
             settings = {**settings, "stats_version": version}
@@ -61,7 +66,8 @@ class StatsCache:
         if not meta.exists():
             atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2, default=str)))
         self._index: dict[str, tuple[Path, int]] = {}
-        self._loaded: dict[Path, TokenStats] = {}
+        self._loaded: OrderedDict[Path, TokenStats] = OrderedDict()
+        self.max_loaded = max(1, int(max_loaded))
         for shard in sorted(self.dir.glob("shard-*.npz")):
             try:
                 with np.load(shard, allow_pickle=False) as z:
@@ -90,7 +96,7 @@ class StatsCache:
             if shard in self._loaded:
                 continue
             try:
-                self._loaded[shard] = _read_shard(shard)
+                self._keep(shard, _read_shard(shard))
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 logger.warning("cache shard %s is damaged (%s); deleting it, its documents are recomputed", shard, e)
                 shard.unlink(missing_ok=True)
@@ -98,14 +104,23 @@ class StatsCache:
 
     def get(self, hashes: list[str]) -> TokenStats:
         """Statistics of cached documents, in the order of `hashes`."""
-        shards: dict[Path, int] = {}
+        shards: dict[Path, TokenStats] = {}
+        order: dict[Path, int] = {}
         refs = []
         for h in hashes:
             shard, row = self._index[h]
-            if shard not in self._loaded:
-                self._loaded[shard] = _read_shard(shard)
-            refs.append((shards.setdefault(shard, len(shards)), row))
-        return TokenStats.gather([self._loaded[shard] for shard in shards], refs)
+            if shard not in shards:
+                held = self._loaded.get(shard)
+                shards[shard] = held if held is not None else self._keep(shard, _read_shard(shard))
+                self._loaded.move_to_end(shard)
+            refs.append((order.setdefault(shard, len(order)), row))
+        return TokenStats.gather(list(shards.values()), refs)
+
+    def _keep(self, shard: Path, stats: TokenStats) -> TokenStats:
+        self._loaded[shard] = stats
+        while len(self._loaded) > self.max_loaded:
+            self._loaded.popitem(last=False)
+        return stats
 
     def put(self, hashes: list[str], stats: TokenStats) -> None:
         """Write one shard atomically and index it; rows with NaN, or with no activity where the document had
@@ -133,7 +148,7 @@ class StatsCache:
                 arrays[name] = m
         arrays[CHECKSUM] = np.array(_checksum(arrays))
         atomic_write(shard, lambda tmp: np.savez(tmp, **arrays))
-        self._loaded[shard] = stats
+        self._keep(shard, stats)
         for row, h in enumerate(hashes):
             self._index[h] = (shard, row)
 
