@@ -184,6 +184,9 @@ def test_index_and_search_commands(corpus, cache_dir, tmp_path):
     assert res.exit_code == 0, res.output
     cells = [[c.strip() for c in line.split("│")] for line in res.output.splitlines() if line.count("│") > 4]
     assert [c[3] for c in cells if c[1] == "1"] == [ids[TARGET]]
+    piped = runner.invoke(app, ["search", "idx", f"examples={pos}", "k=3"], env={"COLUMNS": None})  # not a tty
+    cells = [[c.strip() for c in line.split("│")] for line in piped.output.splitlines() if line.count("│") > 4]
+    assert [c[3] for c in cells if c[1] == "1"] == [ids[TARGET]]  # the id column is not squeezed away
     res = runner.invoke(app, ["search", "idx", "query=immune cells", "k=2", "exclude=1,2"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["search", "idx", "k=2"])

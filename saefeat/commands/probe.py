@@ -26,7 +26,7 @@ from saefeat.config import ConfigError, baseline_config, embed_config, load_conf
 from saefeat.data import read_table
 from saefeat.detox.data import load_labelled_comments, stratified_cap
 from saefeat.embed.vectorizers import get_embedder
-from saefeat.evaluation.comparison import TaskRun, print_table
+from saefeat.evaluation.comparison import TaskRun, print_table, widen_when_piped
 from saefeat.evaluation.probes import (
     SIDES,
     ProbeResult,
@@ -202,8 +202,7 @@ class ProbeRun(TaskRun):
                 mlflow.log_figure(plot_gaps(table), "sae_gap.png")
                 mlflow.log_metric("wall_seconds", wall)
                 e = self.cfg.embed
-                if not console.is_terminal:  # logs and pipes: eight columns of `value [lo, hi]` in one line each
-                    console.width = max(console.width, 200)
+                widen_when_piped(console, 200)  # eight columns of `value [lo, hi]`, one line each
                 print_table(_blank_missing(table), f"{self.name}: SAE {e.sae} on {e.model} ({e.pooling} pooling)",
                             console)
                 n = len(self.results)

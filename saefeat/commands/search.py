@@ -124,6 +124,9 @@ def _labels_or_none(index: SAEIndex) -> dict[int, tuple[str, float]]:
 def print_hits(hits: list[Hit], title: str, console: Console, labels: dict | None = None) -> None:
     """A table of hits; matched latents show as `id:contribution` with their label when one is known."""
     labels = labels or {}
+    from saefeat.evaluation.comparison import widen_when_piped
+
+    widen_when_piped(console)
     table = Table(title=title, show_lines=False)
     for col, kw in (("#", {"justify": "right"}), ("score", {"justify": "right"}), ("id", {}),
                     ("text", {"no_wrap": True, "overflow": "ellipsis", "max_width": 80}), ("latents matched", {})):

@@ -112,11 +112,16 @@ def resolved_embedding(cfg: DictConfig) -> dict[str, str]:
     return embedder_provenance(get_embedder(embed_config(cfg)))
 
 
+def widen_when_piped(console: Console, width: int = 160) -> Console:
+    """Logs and pipes get `width` columns instead of rich's 80, so tables are not squeezed to nothing."""
+    if not console.is_terminal:
+        console.width = max(console.width, width)
+    return console
+
+
 def print_table(df: pd.DataFrame, title: str, console: Console | None = None) -> None:
     """Print metrics as `value [lo, hi]` where a metric has an interval."""
-    console = console or Console()
-    if not console.is_terminal:  # logs and pipes: do not squeeze the table to 80 columns
-        console.width = max(console.width, 160)
+    console = widen_when_piped(console or Console())
     metrics = [c for c in df.columns if not c.endswith(("_lo", "_hi"))]
     t = Table(title=title)
     t.add_column(df.index.name or "")
