@@ -7,16 +7,22 @@ from sklearn.base import TransformerMixin
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from saefeat.embed.config import BaselineConfig, EmbedConfig
-from saefeat.embed.vectorizers import DenseVectorizer, SAEVectorizer, SentenceVectorizer
+from saefeat.embed.vectorizers import (
+    DenseVectorizer,
+    SAEVectorizer,
+    SentenceSAEVectorizer,
+    SentenceVectorizer,
+)
 from saefeat.errors import SaefeatError
 
-REPRESENTATIONS = ("sae", "dense", "sentence", "tfidf")
-SAE_BASED = ("sae", "hybrid")  # representations whose features are SAE latents (retrieval's hybrid fuses them)
+REPRESENTATIONS = ("sae", "dense", "sentence", "tfidf", "sae_sentence")
+# representations whose features are SAE latents (retrieval's hybrid fuses sae with a dense side)
+SAE_BASED = ("sae", "hybrid", "sae_sentence")
 
 
 def make_representation(name: str, embed: EmbedConfig | None = None,
                         baselines: BaselineConfig | None = None) -> TransformerMixin:
-    """A transformer mapping documents to features for `name` in (sae, dense, sentence, tfidf).
+    """A transformer mapping documents to features for `name` in (sae, dense, sentence, tfidf, sae_sentence).
 
     `sae` and `dense` read the host as `embed` says; `sentence` and `tfidf` are set by `baselines` (the sentence
     model runs on `embed`'s device and precision, with its batch size and cache).
@@ -30,6 +36,11 @@ def make_representation(name: str, embed: EmbedConfig | None = None,
         return SentenceVectorizer(model=baselines.sentence_model, batch_size=embed.batch_size, device=embed.device,
                                   cache_dir=embed.cache_dir if embed.cache else False,
                                   show_progress_bar=embed.show_progress_bar, precision=embed.precision)
+    if name == "sae_sentence":
+        return SentenceSAEVectorizer(sae=baselines.sentence_sae, model=baselines.sentence_model,
+                                     pooling=baselines.sentence_sae_pooling, batch_size=embed.batch_size,
+                                     device=embed.device, cache_dir=embed.cache_dir if embed.cache else False,
+                                     show_progress_bar=embed.show_progress_bar, precision=embed.precision)
     if name == "tfidf":
         return TfidfVectorizer(sublinear_tf=True, min_df=3, max_df=0.95, max_features=baselines.tfidf_max_features,
                                ngram_range=(1, 2), dtype=np.float32)
@@ -60,6 +71,14 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
         device = resolve_device(embed.device)
         return {"sentence_model": baselines.sentence_model, "device": str(device), "backend": "torch",
                 "precision": resolve_precision(device, embed.precision)}
+    if name == "sae_sentence":
+        from saefeat.device import resolve_device, resolve_precision
+
+        device = resolve_device(embed.device)
+        sae = make_representation(name, embed, baselines).sae_model
+        return {"sentence_model": baselines.sentence_model, "sae_id": baselines.sentence_sae,
+                "sae_hash": sae.content_hash, "sae_k": str(sae.cfg.k), "pooling": baselines.sentence_sae_pooling,
+                "device": str(device), "backend": "torch", "precision": resolve_precision(device, embed.precision)}
     if name == "tfidf":
         return {"tfidf_max_features": str(baselines.tfidf_max_features)}
     return {}

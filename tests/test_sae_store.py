@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 import saefeat.sae.store as store_mod
 from saefeat import load_sae
+from saefeat.errors import SaefeatError
 from saefeat.sae.activations import CorpusSource
+from saefeat.sae.formats import default_sae_path
 from saefeat.sae.store import ActivationStore, StoreConfig, StoreError, write_store
 from saefeat.sae.train import StoreTrainConfig, TrainingRunError, train_from_store
 
@@ -192,3 +194,68 @@ def test_a_checkpoint_continues_as_a_run_of_another_length_while_the_schedules_a
     # the finished 2-epoch checkpoint has decayed its LR: as the start of a 3-epoch run it would be wrong
     with pytest.raises(TrainingRunError):
         train_from_store(store, _recipe("topk", epochs=3), tmp_path / "cut", show_progress_bar=False)
+
+
+# ---- SAEs over sentence embeddings (sae_sentence) ----------------------------------------------------------
+
+def test_window_vectors_are_the_models_sentence_embeddings(store):
+    """A store window's final-block mean, normalised, is what sentence-transformers gives for the window's text."""
+    from saefeat.embed.vectorizers import SentenceVectorizer
+    from saefeat.sae.sentence import window_embeddings
+
+    vecs = window_embeddings(store, 5)
+    st = SentenceVectorizer(cache_dir=False)
+    texts = [st.st.tokenizer.decode(w) for i in range(len(store.shards)) for w in store.windows(i)]
+    assert len(texts) == len(vecs)
+    emb, owner = st.encode_chunks(texts[:40])
+    assert np.array_equal(owner, np.arange(40))  # 64-token windows: one chunk each
+    cos = (emb * vecs[:40]).sum(1)
+    assert cos.mean() > 0.98 and cos.min() > 0.9, cos
+    other = (emb * np.roll(vecs[:40], 1, axis=0)).sum(1)  # another window's vector is far less alike
+    assert other.mean() < cos.mean() - 0.2
+
+
+def test_sentence_sae_codes_are_pooled_over_chunks_and_cached(store, tmp_path):
+    from saefeat.embed.vectorizers import SentenceSAEVectorizer, SentenceVectorizer, chunk_code_stats
+    from saefeat.sae.formats import load_sae, save_sae
+    from saefeat.sae.sentence import short_chunks, train_vector_sae, window_embeddings
+
+    st = SentenceVectorizer(cache_dir=False)
+    chunks = short_chunks(store, st.st.tokenizer.decode, 150, 8, 40, seed=1)
+    vectors = np.concatenate([window_embeddings(store, 5), st.encode_chunks(chunks)[0]])
+    sae, metrics = train_vector_sae(vectors, d_sae=256, k=8, host="minilm", epochs=30, batch_size=64, seed=0)
+    assert metrics["explained_variance"] > 0.3 and metrics["l0"] == 8.0  # 8 of 256 latents, 250 vectors
+    path = save_sae(sae, tmp_path / "sent")
+    long = " ".join(chunks) * 2  # several chunks of max_seq_length tokens
+    docs = ["The mill stood by the river.", long, "Revenue rose in the quarter."]
+    vec = SentenceSAEVectorizer(sae=str(path), cache_dir=tmp_path / "c")
+    X = vec.transform(docs)
+    emb, owner = st.encode_chunks(docs)
+    assert (owner == 1).sum() > 2
+    codes = load_sae(path).encode(torch.from_numpy(emb)).detach().numpy()
+    np.testing.assert_allclose(X.toarray(), np.stack([codes[owner == d].max(0) for d in range(3)]), atol=1e-5)
+    mean = SentenceSAEVectorizer(sae=str(path), cache_dir=False, pooling="mean").transform(docs)
+    np.testing.assert_allclose(mean.toarray(), np.stack([codes[owner == d].mean(0) for d in range(3)]), atol=1e-5)
+    assert chunk_code_stats(load_sae(path), emb, owner, 3).n_tokens.tolist() == np.bincount(owner).tolist()
+    again = SentenceSAEVectorizer(sae=str(path), cache_dir=tmp_path / "c")
+    again.encode_chunks = lambda texts: pytest.fail("encoded again")  # every document is cached
+    np.testing.assert_array_equal(again.transform(docs[::-1]).toarray(), X.toarray()[::-1])
+    sentence = SentenceVectorizer(cache_dir=tmp_path / "c")  # the chunks also filled the `sentence` cache
+    sentence.encode_chunks = lambda texts: pytest.fail("encoded again")
+    np.testing.assert_allclose(sentence.transform(docs), SentenceVectorizer(cache_dir=False).transform(docs),
+                               atol=1e-6)
+
+
+def test_token_and_sentence_saes_are_not_interchangeable(store, tmp_path):
+    from saefeat.embed.embedder import SAEEmbedder
+    from saefeat.embed.vectorizers import SentenceSAEVectorizer
+    from saefeat.sae.formats import save_sae
+    from saefeat.sae.sentence import train_vector_sae, window_embeddings
+
+    vectors = window_embeddings(store, 5)
+    sae, _ = train_vector_sae(np.tile(vectors, (3, 1)), d_sae=64, k=4, host="minilm", epochs=1, seed=0)
+    path = save_sae(sae, tmp_path / "sent")
+    with pytest.raises(SaefeatError, match="not the residual stream"):  # a sentence SAE read at a layer
+        SAEEmbedder("minilm", sae=path).encode(["a text"])
+    with pytest.raises(SaefeatError, match="not on sentence embeddings"):  # a layer's SAE read as a sentence one
+        SentenceSAEVectorizer(sae=str(default_sae_path("minilm"))).transform(["a text"])

@@ -36,6 +36,7 @@ from saefeat.evaluation.probes import (
     probe_sides,
     property_probe,
     retrieval_probe,
+    sentence_core_probe,
     sentiment_probe,
     toxicity_probe,
 )
@@ -140,6 +141,9 @@ def run_probe(name: str, cfg: DictConfig, data: dict[str, Any], sides: list[Side
         sources = [CorpusSource(str(s.path), str(s.text_field), float(s.share)) for s in c.sources]
         windows = list(islice(sample_windows(emb.host, sources, emb.window, seed, held_out=True,
                                              held_out_every=int(c.held_out_every)), int(c.max_windows)))
+        if sides[0].representation == "sae_sentence":
+            texts = [emb.host.tokenizer.decode(w) for w in windows]
+            return sentence_core_probe(sides[0].transformer(), texts)
         return core_probe(emb, windows, dense_density=float(c.dense_density), ce_windows=int(c.ce_windows),
                           batch_size=int(cfg.embed.batch_size))
     if name == "toxicity":
@@ -203,7 +207,10 @@ class ProbeRun(TaskRun):
                 mlflow.log_metric("wall_seconds", wall)
                 e = self.cfg.embed
                 widen_when_piped(console, 200)  # eight columns of `value [lo, hi]`, one line each
-                print_table(_blank_missing(table), f"{self.name}: SAE {e.sae} on {e.model} ({e.pooling} pooling)",
+                what = f"SAE {e.sae} on {e.model} ({e.pooling} pooling)" if self.cfg.representation == "sae" else \
+                    f"sentence SAE {self.cfg.baselines.sentence_sae} on {self.cfg.baselines.sentence_model} " \
+                    f"({self.cfg.baselines.sentence_sae_pooling} pooling)"
+                print_table(_blank_missing(table), f"{self.name}: {what}",
                             console)
                 n = len(self.results)
                 console.print(f"{self.name}: {n} probe{'s' * (n != 1)} in {_clock(wall)} wall time")
@@ -254,10 +261,12 @@ def probe_sae(cfg: DictConfig) -> pd.DataFrame:
     """Run the configured probes on the configured SAE; returns the table (also printed and logged)."""
     start = time.perf_counter()
     data = load_data(cfg)
-    sides = probe_sides(embed_config(cfg), baseline_config(cfg))
-    e = cfg.embed
-    run_name = f"probe-{e.model}-{str(e.sae).rstrip('/').rsplit('/', 1)[-1]}-{e.pooling}" + ("-quick" if cfg.quick
-                                                                                             else "")
+    sides = probe_sides(embed_config(cfg), baseline_config(cfg), str(cfg.representation))
+    e, b = cfg.embed, cfg.baselines
+    tested = (str(e.sae), e.pooling) if cfg.representation == "sae" else (f"sentence-{b.sentence_sae}",
+                                                                         b.sentence_sae_pooling)
+    run_name = f"probe-{e.model}-{tested[0].rstrip('/').rsplit('/', 1)[-1]}-{tested[1]}" + ("-quick" if cfg.quick
+                                                                                           else "")
     with ProbeRun(cfg, run_name, start) as run:
         mlflow.log_params({"sides": ",".join(s.name for s in sides)})
         for name in cfg.probes:

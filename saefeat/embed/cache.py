@@ -98,7 +98,7 @@ class StatsCache:
             try:
                 self._keep(shard, _read_shard(shard))
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                logger.warning("cache shard %s is damaged (%s); deleting it, its documents are recomputed", shard, e)
+                logger.warning("cache shard %s is unusable (%s); deleting it, its documents are recomputed", shard, e)
                 shard.unlink(missing_ok=True)
                 self._index = {k: v for k, v in self._index.items() if v[0] != shard}
 
@@ -182,7 +182,9 @@ def _read_shard(path: Path) -> TokenStats:
     """A shard's statistics; raises ValueError when its arrays do not match their checksum."""
     with np.load(path, allow_pickle=False) as npz:
         z = {name: npz[name] for name in npz.files}
-    if CHECKSUM not in z or str(z[CHECKSUM]) != _checksum(z):
+    if CHECKSUM not in z:
+        raise ValueError("no checksum (an older saefeat wrote it), so it cannot be verified")
+    if str(z[CHECKSUM]) != _checksum(z):
         raise ValueError("checksum mismatch")
     fields: dict[str, Any] = {}
     for name in _FIELDS:

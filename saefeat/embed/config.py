@@ -102,16 +102,24 @@ class BaselineConfig:
         dense_pooling: pooling of `dense` (the host's activations where the SAE reads them).
         sentence_model: the sentence-transformers model of `sentence`.
         tfidf_max_features: vocabulary of `tfidf` (uni- and bigrams, min_df=3); None keeps all.
+        sentence_sae: the SAE of `sae_sentence` (trained on `sentence_model`'s sentence embeddings); "default" is
+            the one shipped for that model.
+        sentence_sae_pooling: how `sae_sentence` pools its chunks' codes (a sparse pooling, as for `sae`).
     """
 
     dense_pooling: str = "mean"
     sentence_model: str = "minilm"
     tfidf_max_features: int | None = 20_000
+    sentence_sae: str = "default"
+    sentence_sae_pooling: str = "max"
 
     def __post_init__(self) -> None:
         if self.dense_pooling not in DENSE_POOLINGS:
             raise SaefeatError(f"baselines.dense_pooling must be one of {', '.join(DENSE_POOLINGS)}; "
                                f"got {self.dense_pooling!r}")
+        if self.sentence_sae_pooling not in SPARSE_POOLINGS:
+            raise SaefeatError(f"baselines.sentence_sae_pooling must be one of {', '.join(SPARSE_POOLINGS)}; "
+                               f"got {self.sentence_sae_pooling!r}")
         if self.tfidf_max_features is not None and (not isinstance(self.tfidf_max_features, int)
                                                     or self.tfidf_max_features < 1):
             raise SaefeatError(f"baselines.tfidf_max_features must be an integer >= 1 or null, "

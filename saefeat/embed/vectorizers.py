@@ -155,38 +155,51 @@ class SentenceVectorizer(_LazyModel):
 
         self._check_input(X)
         texts = check_texts(list(X), field="docs")
-        cache = None
-        if self.cache_dir is not False:
-            cache = StatsCache(self.cache_dir or default_cache_dir(),
-                               {"kind": "sentence", "model": self.model, "precision": self._precision()})
+        cache = self._sentence_cache()
         hashes = [doc_hash(t) for t in texts]
         if cache is not None:
             cache.verify(hashes)
         todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
         out = np.zeros((len(texts), self._dim()), np.float32)
         if todo:
-            from saefeat.embed.pooling import TokenStats
-
-            pieces, owner = [], []
-            for j, i in enumerate(todo):
-                for c in self._chunks(texts[i]):
-                    pieces.append(c)
-                    owner.append(j)
-            with autocast(self.st.device, self._precision()):
-                emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
-                                     show_progress_bar=bool(self.show_progress_bar))
-            sums = np.zeros((len(todo), emb.shape[1]), np.float32)
-            np.add.at(sums, owner, emb)
-            counts = np.bincount(owner, minlength=len(todo))
-            vecs = sums / np.maximum(counts, 1)[:, None]
-            out[todo] = vecs
-            if cache is not None:
-                cache.put([hashes[i] for i in todo], TokenStats(counts, vecs, vecs))
+            emb, owner = self.encode_chunks([texts[i] for i in todo])
+            out[todo] = self._store_means(emb, owner, [hashes[i] for i in todo], cache)
         if cache is not None:
             cached = [i for i in range(len(texts)) if i not in set(todo)]
             if cached:
                 out[cached] = cache.get([hashes[i] for i in cached]).sum
         return out
+
+    def _sentence_cache(self) -> StatsCache | None:
+        if self.cache_dir is False:
+            return None
+        return StatsCache(self.cache_dir or default_cache_dir(),
+                          {"kind": "sentence", "model": self.model, "precision": self._precision()})
+
+    def encode_chunks(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The model's embedding of every chunk of `texts` (max_seq_length tokens each) and the text it came from."""
+        pieces, owner = [], []
+        for j, text in enumerate(texts):
+            for c in self._chunks(text):
+                pieces.append(c)
+                owner.append(j)
+        with autocast(self.st.device, self._precision()):
+            emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
+                                 show_progress_bar=bool(self.show_progress_bar))
+        return np.asarray(emb, np.float32), np.asarray(owner, np.int64)
+
+    @staticmethod
+    def _store_means(emb: np.ndarray, owner: np.ndarray, hashes: list[str], cache: StatsCache | None) -> np.ndarray:
+        """Each document's mean chunk embedding (its `sentence` vector), cached when a cache is given."""
+        from saefeat.embed.pooling import TokenStats
+
+        sums = np.zeros((len(hashes), emb.shape[1]), np.float32)
+        np.add.at(sums, owner, emb)
+        counts = np.bincount(owner, minlength=len(hashes))
+        vecs = sums / np.maximum(counts, 1)[:, None]
+        if cache is not None:
+            cache.put(hashes, TokenStats(counts, vecs, vecs))
+        return vecs
 
     def _dim(self) -> int:
         get = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
@@ -198,3 +211,105 @@ class SentenceVectorizer(_LazyModel):
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"st_{i}" for i in range(self._dim())], dtype=object)
+
+
+class SentenceSAEVectorizer(SentenceVectorizer):
+    """Documents -> an SAE's codes of the model's sentence embeddings of their chunks, pooled over the chunks
+    (`sae_sentence`; `pooling` as for `sae`: max, mean, sum, ...). The SAE must have been trained on this model's
+    sentence embeddings (`saefeat.sae.sentence`); `sae="default"` is the one shipped for the model. Chunks it
+    encodes also fill the `sentence` cache."""
+
+    def __init__(self, sae: str = "default", model: str = "minilm", pooling: str = "max", batch_size: int = 32,
+                 device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None,
+                 precision: str = "auto"):
+        super().__init__(model, batch_size, device, cache_dir, show_progress_bar, precision)
+        self.sae, self.pooling = sae, pooling
+
+    @property
+    def sae_model(self) -> SAE:
+        if getattr(self, "_sae", None) is None:
+            from saefeat.sae.formats import default_sentence_sae_path, load_sae
+            from saefeat.sae.sentence import check_sentence_sae
+
+            path = default_sentence_sae_path(self.model) if self.sae == "default" else Path(self.sae)
+            sae = load_sae(path).eval()
+            check_sentence_sae(sae, self.model, self._dim())
+            self._sae = sae
+        return self._sae
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_sae", None)
+        return state
+
+    def transform(self, X: Sequence[str]) -> sp.csr_matrix:
+        from saefeat.data import check_texts
+        from saefeat.embed.pooling import pool
+
+        self._check_input(X)
+        texts = check_texts(list(X), field="docs")
+        sae = self.sae_model
+        cache = None
+        if self.cache_dir is not False:
+            cache = StatsCache(self.cache_dir or default_cache_dir(),
+                               {"kind": "sae_sentence", "model": self.model, "precision": self._precision(),
+                                "sae": sae.content_hash})
+        hashes = [doc_hash(t) for t in texts]
+        if cache is not None:
+            cache.verify(hashes)
+        todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
+        parts, order = [], []
+        if todo:
+            emb, owner = self.encode_chunks([texts[i] for i in todo])
+            sentence = self._sentence_cache()
+            fresh = [j for j, i in enumerate(todo) if sentence is None or hashes[i] not in sentence]
+            if sentence is not None and fresh:
+                keep = np.isin(owner, fresh)
+                remap = np.full(len(todo), -1)
+                remap[fresh] = np.arange(len(fresh))
+                self._store_means(emb[keep], remap[owner[keep]], [hashes[todo[j]] for j in fresh], sentence)
+            stats = chunk_code_stats(sae, emb, owner, len(todo))
+            if cache is not None:
+                cache.put([hashes[i] for i in todo], stats)
+            parts.append(stats)
+            order += todo
+        cached = [i for i in range(len(texts)) if i not in set(todo)]
+        if cached:
+            parts.append(cache.get([hashes[i] for i in cached]))
+            order += cached
+        from saefeat.embed.pooling import TokenStats
+
+        stats = TokenStats.stack(parts) if len(parts) > 1 else parts[0]
+        pooled = pool(stats, self.pooling)
+        inverse = np.empty(len(order), np.int64)
+        inverse[np.asarray(order)] = np.arange(len(order))
+        return sp.csr_matrix(pooled[inverse], dtype=np.float32)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array([f"latent_{i}" for i in range(self.sae_model.d_sae)], dtype=object)
+
+
+def chunk_code_stats(sae: SAE, emb: np.ndarray, owner: np.ndarray, n_docs: int):
+    """Per-document statistics of the SAE codes of its chunks: chunk count, and the per-latent sum, max and firing
+    count over chunks (the `TokenStats` every pooling reads, with chunks for tokens)."""
+    import torch
+
+    from saefeat.embed.pooling import TokenStats
+
+    with torch.no_grad():
+        codes = sp.csr_matrix(sae.encode(torch.from_numpy(emb)).float().numpy())
+    codes.eliminate_zeros()
+    owners = sp.csr_matrix((np.ones(len(owner), np.float32), (owner, np.arange(len(owner)))),
+                           shape=(n_docs, len(owner)))
+    total = (owners @ codes).tocsr()
+    count = (owners @ (codes > 0).astype(np.float32)).tocsr()
+    counts = np.bincount(owner, minlength=n_docs)
+    bounds = np.searchsorted(owner, np.arange(n_docs + 1))  # chunks come in document order
+    if (counts > 1).any():
+        top = sp.vstack([codes[bounds[d]:bounds[d + 1]].max(axis=0) if counts[d] > 1 else codes[bounds[d]:bounds[d] + 1]
+                         for d in range(n_docs)], format="csr")
+    else:
+        top = codes
+    log1p = owners @ codes.log1p()
+    return TokenStats(counts, total.astype(np.float32), sp.csr_matrix(top, dtype=np.float32),
+                      count.astype(np.float32), log1p.astype(np.float32))

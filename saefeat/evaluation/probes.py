@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,6 +29,7 @@ from saefeat.detox.filter import ToxicityFilter, representation_settings
 from saefeat.embed.config import BaselineConfig, EmbedConfig
 from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.vectorizers import get_embedder
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.metrics import average_precision, bootstrap, roc_auc
 from saefeat.evaluation.model_selection import fit_search
 from saefeat.representations import make_representation
@@ -57,12 +59,16 @@ class Side:
         return make_representation(self.representation, self.embed, self.baselines)
 
 
-def probe_sides(embed: EmbedConfig, baselines: BaselineConfig | None = None) -> list[Side]:
-    """`sae` as `embed` says, `dense` at the SAE's read point, `dense_last` at the host's last block (no SAE) and
+def probe_sides(embed: EmbedConfig, baselines: BaselineConfig | None = None,
+                representation: str = "sae") -> list[Side]:
+    """The side under test (`representation`: `sae` as `embed` says, or `sae_sentence` with
+    `baselines.sentence_sae`), `dense` at the SAE's read point, `dense_last` at the host's last block (no SAE) and
     `sentence`, in that order."""
+    if representation not in ("sae", "sae_sentence"):
+        raise SaefeatError(f"the suite scores representation sae or sae_sentence, got {representation!r}")
     baselines = baselines or BaselineConfig()
     last = embed.replace(sae=None, layer=None, sae_k=None)
-    return [Side("sae", "sae", embed, baselines), Side("dense", "dense", embed, baselines),
+    return [Side("sae", representation, embed, baselines), Side("dense", "dense", embed, baselines),
             Side("dense_last", "dense", last, baselines), Side("sentence", "sentence", embed, baselines)]
 
 
@@ -186,6 +192,8 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
     cosine of their vectors."""
     by_name = {s.name: s for s in sides}
     sae = by_name["sae"]
+    if sae.representation != "sae":
+        return _vector_retrieval_probe(data, sides, alpha, depth, n_boot, seed)
     index = SAEIndex.build(data.texts, sae.embed, ids=data.doc_ids, dense=hybrid_dense,
                            sentence_model=sae.baselines.sentence_model, show_progress_bar=show_progress_bar)
     qids, queries = list(data.queries), list(data.queries.values())
@@ -218,6 +226,49 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
 
 
 # ---- property retrieval -----------------------------------------------------------------------------------
+def _vector_retrieval_probe(data: BeirData, sides: Sequence[Side], alpha: float, depth: int, n_boot: int,
+                            seed: int) -> ProbeResult:
+    """SciFact for a side under test that is not an SAE index (`sae_sentence`): every side ranks by the cosine of
+    its vectors; `hybrid` fuses the tested side with `sentence` (weight `alpha` on the tested side)."""
+    qids, queries = list(data.queries), list(data.queries.values())
+    scores = {}
+    for side in sides:
+        rep = side.transformer()
+        D = _unit(rep.fit_transform(list(data.texts)))
+        Q = _unit(rep.transform(queries))
+        scores[side.name] = np.asarray((Q @ D.T).todense() if sp.issparse(Q) else Q @ D.T)
+    scores["hybrid"] = alpha * scores["sae"] + (1 - alpha) * scores["sentence"]
+    per_query = {}
+    ids = np.asarray(data.doc_ids)
+    for name, S in scores.items():
+        rows = np.argsort(-S, axis=1)[:, :depth]
+        per_query[name] = per_query_scores(data.qrels, to_run(qids, list(ids), list(rows),
+                                                              [S[i, r] for i, r in enumerate(rows)]))
+    metrics = {name: retrieval_report(pq, n_boot, seed) for name, pq in per_query.items() if name != "hybrid"}
+    metrics["sae"] |= {f"hybrid_{k}": v for k, v in retrieval_report(per_query["hybrid"], n_boot, seed).items()}
+    zeros = np.zeros(len(qids))
+    mean = lambda _, a: float(np.mean(a))  # noqa: E731
+    gaps: dict[str, dict[str, float]] = {}
+    for key, sae_side in (("ndcg_at_10", "sae"), ("hybrid_ndcg_at_10", "hybrid")):
+        values = {"sae": per_query[sae_side]["ndcg_at_10"]} | {b: per_query[b]["ndcg_at_10"] for b in BASELINES
+                                                                if b in per_query}
+        _merge(gaps, paired_gaps(mean, zeros, values, key, n_boot, seed))
+    return ProbeResult(metrics, gaps, ("ndcg_at_10", "hybrid_ndcg_at_10"), {"hybrid_ndcg_at_10": "ndcg_at_10"},
+                       extra={"n_queries": len(qids), "n_docs": len(ids)})
+
+
+def _unit(x):
+    """Rows scaled to unit L2 norm (sparse stays sparse)."""
+    if sp.issparse(x):
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+        return sp.diags(1.0 / np.maximum(norms, 1e-12)) @ x
+    return normalize(np.asarray(x))
+
+
+def _dense_unit(x) -> np.ndarray:
+    return normalize(np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float32))
+
+
 def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.ndarray]]], sides: Sequence[Side], *,
                    n_examples: int = 10, draws: int = 3, n_latents: int = 16, n_boot: int = 1000,
                    seed: int = 0, show_progress_bar: bool | None = None) -> ProbeResult:
@@ -232,9 +283,11 @@ def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.nd
     for c, (corpus, (texts, labels)) in enumerate(corpora.items()):
         texts = list(texts)
         sae = next(s for s in sides if s.name == "sae")
-        index = SAEIndex.build(texts, sae.embed, dense=None, show_progress_bar=show_progress_bar)
-        vectors = {s.name: normalize(np.asarray(s.transformer().fit_transform(texts))) for s in sides
-                   if s.name != "sae"}
+        # an SAE index ranks by the examples' shared latents; any other side by the cosine to their centroid
+        index = SAEIndex.build(texts, sae.embed, dense=None, show_progress_bar=show_progress_bar) \
+            if sae.representation == "sae" else None
+        vectors = {s.name: _dense_unit(s.transformer().fit_transform(texts)) for s in sides
+                   if s.name != "sae" or index is None}
         for p, (prop, y) in enumerate(labels.items()):
             y = np.asarray(y).astype(bool)
             positives = np.flatnonzero(y)
@@ -247,7 +300,8 @@ def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.nd
                 rng = np.random.default_rng([seed, c, p, draw])
                 ex = rng.choice(positives, n_examples, replace=False)
                 rest = np.setdiff1d(np.arange(len(texts)), ex)
-                scores = {"sae": index.property_scores(index.property(index.vectors[ex], n_latents=n_latents))}
+                scores = {} if index is None else \
+                    {"sae": index.property_scores(index.property(index.vectors[ex], n_latents=n_latents))}
                 for name, V in vectors.items():
                     scores[name] = V @ normalize(V[ex].mean(0, keepdims=True))[0]
                 for name, s in scores.items():
@@ -306,3 +360,14 @@ def core_probe(embedder: SAEEmbedder, windows: Sequence[list[int]], *, dense_den
         m |= ce_recovered(sae, embedder.host, embedder.layer, windows[:ce_windows])
         headline += ["ce_loss_recovered", "kl_div_recovered"]
     return ProbeResult({"sae": m}, headline=tuple(headline), extra={"n_windows": len(windows)})
+
+
+def sentence_core_probe(vectorizer: Any, texts: Sequence[str]) -> ProbeResult:
+    """Explained variance, L0 and never-firing share of a sentence-embedding SAE (`sae_sentence`) over the model's
+    embeddings of the chunks of `texts` (held-out documents)."""
+    from saefeat.sae.sentence import vector_metrics
+
+    emb, _ = vectorizer.encode_chunks(list(texts))
+    m = vector_metrics(vectorizer.sae_model, emb)
+    return ProbeResult({"sae": m}, headline=("explained_variance", "l0", "dead_fraction"),
+                       extra={"n_chunks": len(emb)})

@@ -15,7 +15,8 @@ from saefeat.sae.model import SAEConfig
 # residual stream: after block L, before block L (= after block L-1), between attention and MLP of block L
 RESIDUAL_SITES = ("resid_post", "resid_pre", "resid_mid")
 SITES = (*RESIDUAL_SITES, "mlp_out", "attn_out", "attn_z", "mlp_in", "attn_in", "mlp_post", "mlp_pre",
-         "attn_result", "attn_q", "attn_k", "attn_v", "ln1_normalized", "ln2_normalized", "unknown")
+         "attn_result", "attn_q", "attn_k", "attn_v", "ln1_normalized", "ln2_normalized", "sentence_embedding",
+         "unknown")  # sentence_embedding: a sentence-transformers model's pooled output (saefeat.sae.sentence)
 READABLE = ("resid_post", "resid_pre")
 
 # TransformerLens hook names below ``blocks.L.``

@@ -77,6 +77,15 @@ def default_sae_path(host: str) -> Path:
     return path
 
 
+def default_sentence_sae_path(model: str) -> Path:
+    """Folder of the SAE over `model`'s sentence embeddings shipped with the package (`sae_sentence`)."""
+    path = DEFAULTS_DIR / f"{model}-sentence"
+    if not (path / SAEFEAT_META).is_file():
+        raise MissingFileError(f"no sentence-embedding SAE ships for {model!r}; train one with "
+                               "benchmarks/train_sentence_sae.py and pass baselines.sentence_sae=PATH")
+    return path
+
+
 def _format_of(path: Path) -> Format:
     if path.is_file():
         path = path.parent
