@@ -341,3 +341,27 @@ def test_the_cache_holds_a_bounded_number_of_shards_in_memory(sae_path, tmp_path
         hashes).n_tokens)
     again = SAEEmbedder("minilm", sae=sae_path, cache_dir=tmp_path / "c", precision="fp32")
     np.testing.assert_array_equal(again.encode(corpus).toarray(), first.toarray())
+
+
+def test_the_sentence_cache_key_follows_the_weights_and_the_length(tmp_path):
+    """Two folders of one model with another max_seq_length must not share cached sentence vectors."""
+    import json
+    from pathlib import Path
+
+    from saefeat.embed import cache
+    from saefeat.embed.vectorizers import SentenceVectorizer
+    from saefeat.hosts import resolve_host_path
+
+    src = Path(resolve_host_path("minilm")[0])
+    short = tmp_path / "minilm-128"
+    short.mkdir()
+    for f in src.rglob("*"):
+        if f.is_file():
+            (short / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            if f.name != "sentence_bert_config.json":
+                (short / f.relative_to(src)).symlink_to(f)
+    cfg = json.loads((src / "sentence_bert_config.json").read_text())
+    (short / "sentence_bert_config.json").write_text(json.dumps(cfg | {"max_seq_length": 128}))
+    a, b = SentenceVectorizer("minilm").cache_settings(), SentenceVectorizer(str(short)).cache_settings()
+    assert a["fingerprint"] == b["fingerprint"] and a["max_seq_length"] == 256 and b["max_seq_length"] == 128
+    assert cache.settings_hash(a) != cache.settings_hash(b | {"model": "minilm"})

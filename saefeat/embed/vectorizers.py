@@ -170,11 +170,21 @@ class SentenceVectorizer(_LazyModel):
                 out[cached] = cache.get([hashes[i] for i in cached]).sum
         return out
 
+    CHUNKING = 1  # version of `_chunks`: part of the cache key
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What the `sentence` vectors depend on: the model's weights (fingerprint, not only its name), its
+        max_seq_length, the chunking and the precision."""
+        from saefeat.hosts import _fingerprint, _trained_length, resolve_host_path
+
+        target, _ = resolve_host_path(self.model)
+        return {"kind": "sentence", "model": self.model, "fingerprint": _fingerprint(target, None),
+                "max_seq_length": _trained_length(target), "chunking": self.CHUNKING, "precision": self._precision()}
+
     def _sentence_cache(self) -> StatsCache | None:
         if self.cache_dir is False:
             return None
-        return StatsCache(self.cache_dir or default_cache_dir(),
-                          {"kind": "sentence", "model": self.model, "precision": self._precision()})
+        return StatsCache(self.cache_dir or default_cache_dir(), self.cache_settings())
 
     def encode_chunks(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The model's embedding of every chunk of `texts` (max_seq_length tokens each) and the text it came from."""
@@ -252,8 +262,7 @@ class SentenceSAEVectorizer(SentenceVectorizer):
         cache = None
         if self.cache_dir is not False:
             cache = StatsCache(self.cache_dir or default_cache_dir(),
-                               {"kind": "sae_sentence", "model": self.model, "precision": self._precision(),
-                                "sae": sae.content_hash})
+                               self.cache_settings() | {"kind": "sae_sentence", "sae": sae.content_hash})
         hashes = [doc_hash(t) for t in texts]
         if cache is not None:
             cache.verify(hashes)
