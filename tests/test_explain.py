@@ -315,3 +315,22 @@ def test_store_labels_and_firing_counts_agree_with_the_cards(corpus, tmp_path):
     assert store_labels(emb.sae.content_hash, str(tmp_path / "elsewhere")) is None
     missing = LatentStore(tmp_path / "none.sqlite")
     assert missing.labels() == {} and missing.firing_counts().size == 0 and not missing.exists
+
+
+def test_cards_shipped_beside_a_default_sae_are_read_only_fallbacks(tmp_path, monkeypatch):
+    import saefeat.sae.formats as formats
+    from saefeat.errors import SaefeatError
+    from saefeat.explain.store import LatentStore
+
+    monkeypatch.setattr(formats, "DEFAULTS_DIR", tmp_path / "weights")
+    monkeypatch.setenv("SAEFEAT_LATENTS", str(tmp_path / "mine"))
+    shipped = LatentStore(tmp_path / "weights" / "minilm" / "latent_cards" / "abc123.sqlite")
+    with shipped.con:
+        shipped.set_meta({"corpus": "gutenberg (400 passages)"})
+    shipped.close()
+    found = LatentStore.for_sae("abc123")
+    assert found.read_only and found.meta["corpus"].startswith("gutenberg")
+    with pytest.raises(SaefeatError, match="shipped with the package"):
+        found.delete()
+    assert not LatentStore.for_sae("abc123", for_writing=True).read_only  # a build writes the user's own store
+    assert not LatentStore.for_sae("other").exists

@@ -35,10 +35,11 @@ def describe_latents(cfg: DictConfig) -> LatentStore:
     """Build (or resume) the latent cards of the configured SAE, then optionally add LLM labels."""
     if cfg.labels.llm not in (None, "local", "openai"):  # checked before any expensive work
         raise SaefeatError(f"labels.llm must be null, 'local' or 'openai', got {cfg.labels.llm!r}")
-    if cfg.corpus == "default":
+    if cfg.corpus in ("default", "gutenberg"):
         n = cfg.n_docs or 400
-        texts, sources = default_corpus(cfg.data_dir, n, cfg.passage_chars, cfg.seed)
-        corpus = f"default ({n} passages of {cfg.data_dir})"
+        picked = ("gutenberg", "maec") if cfg.corpus == "default" else ("gutenberg",)
+        texts, sources = default_corpus(cfg.data_dir, n, cfg.passage_chars, cfg.seed, picked)
+        corpus = f"{cfg.corpus} ({n} passages of {cfg.data_dir})"
     else:
         texts, sources = file_corpus(cfg.corpus, cfg.text_field, cfg.n_docs, cfg.seed)
         corpus = str(cfg.corpus)

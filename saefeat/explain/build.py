@@ -136,7 +136,7 @@ def build_cards(emb: SAEEmbedder, texts: Sequence[str], sources: Sequence[str], 
     settings = {"n_top": n_top, "n_sample": n_sample, "before": context_before, "after": context_after,
                 "seed": seed}
     fp = fingerprint(emb, texts, settings)
-    store = LatentStore.for_sae(emb.sae.content_hash, store_dir)
+    store = LatentStore.for_sae(emb.sae.content_hash, store_dir, for_writing=True)
     meta = store.meta
     if meta and meta.get("fingerprint") != fp:
         if not overwrite:

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from saefeat.data import DataError, load_texts
-from saefeat.errors import MissingFileError
+from saefeat.errors import MissingFileError, SaefeatError
 
 DEFAULT_SOURCES = (("gutenberg", "corpus/gutenberg_one_book_per_author.jsonl.gz"),
                    ("maec", "earnings/maec_transcripts_unlabeled.jsonl.gz"))
 
 
 def default_corpus(data_dir: str | Path, n_docs: int = 400, passage_chars: int = 900,
-                   seed: int = 0) -> tuple[list[str], list[str]]:
-    """Passages of about `passage_chars` characters, half from Gutenberg books and half from MAEC calls.
+                   seed: int = 0, sources: tuple[str, ...] = ("gutenberg", "maec")) -> tuple[list[str], list[str]]:
+    """Passages of about `passage_chars` characters, in equal shares from `sources`: Gutenberg books (public
+    domain: the only source for cards shipped with the package) and MAEC calls.
 
     Passages start at a paragraph (Gutenberg) or sentence (MAEC) boundary, end at one, and have their
     whitespace collapsed. Returns (texts, sources) with sources like "maec:<call id>".
@@ -26,8 +27,11 @@ def default_corpus(data_dir: str | Path, n_docs: int = 400, passage_chars: int =
     rng = np.random.default_rng(seed)
     texts: list[str] = []
     sources: list[str] = []
-    shares = [n_docs - n_docs // 2, n_docs // 2]
-    for (name, rel), n in zip(DEFAULT_SOURCES, shares):
+    chosen = [(name, rel) for name, rel in DEFAULT_SOURCES if name in sources]
+    if not chosen:
+        raise SaefeatError(f"unknown corpus sources {sources}; known: {[n for n, _ in DEFAULT_SOURCES]}")
+    shares = [n_docs // len(chosen) + (i < n_docs % len(chosen)) for i in range(len(chosen))]
+    for (name, rel), n in zip(chosen, shares):
         path = data_dir / rel
         if not path.is_file():
             raise MissingFileError(f"default reference corpus: {path} not found (set data_dir= or corpus=FILE)")

@@ -56,15 +56,24 @@ def store_dir(path: str | Path | None = None) -> Path:
 class LatentStore:
     """Read and write the latent cards of one SAE."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
+        self.read_only = read_only
         self._con: sqlite3.Connection | None = None
 
     @classmethod
-    def for_sae(cls, sae_hash: str, directory: str | Path | None = None) -> LatentStore:
+    def for_sae(cls, sae_hash: str, directory: str | Path | None = None, for_writing: bool = False) -> LatentStore:
+        """The cards of the SAE with `sae_hash`: the user's store, else (for reading, with no `directory` given)
+        the cards shipped beside a default SAE in the package (read-only)."""
         if not sae_hash:
             raise SaefeatError("the SAE has no content hash; latent cards are keyed by it")
-        return cls(store_dir(directory) / f"{sae_hash}.sqlite")
+        own = cls(store_dir(directory) / f"{sae_hash}.sqlite")
+        if own.exists or for_writing or directory is not None:
+            return own
+        from saefeat.sae.formats import DEFAULTS_DIR
+
+        shipped = sorted(DEFAULTS_DIR.glob(f"*/latent_cards/{sae_hash}.sqlite"))
+        return cls(shipped[0], read_only=True) if shipped else own
 
     # ---- connection ---------------------------------------------------------------------
     @property
@@ -73,7 +82,9 @@ class LatentStore:
 
     @property
     def con(self) -> sqlite3.Connection:
-        if self._con is None:
+        if self._con is None and self.read_only:
+            self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        elif self._con is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(self.path)
             self._con.executescript(_SCHEMA)
@@ -85,6 +96,8 @@ class LatentStore:
             self._con = None
 
     def delete(self) -> None:
+        if self.read_only:
+            raise SaefeatError(f"{self.path} holds the cards shipped with the package; they are never deleted")
         self.close()
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(str(self.path) + suffix).unlink(missing_ok=True)
