@@ -202,3 +202,46 @@ def test_nan_statistics_are_never_cached(tmp_path):
     cache.put(["a", "b", "c"], stats)
     assert "a" in cache and "b" not in cache and "c" not in cache  # NaN row, and no activity over 5 tokens
     np.testing.assert_array_equal(StatsCache(tmp_path, {"kind": "sae", "x": 1}).get(["a"]).sum.toarray(), [[1, 0]])
+
+
+def test_kill_9_of_embed_resumes_to_the_same_rows(tmp_path, data_dir):
+    """`saefeat embed` killed with SIGKILL once its first shard is cached; the rerun computes only the rest and
+    writes the same rows as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from saefeat.detox.data import load_labelled_comments
+    from saefeat.embed.storage import load_sparse
+
+    texts, _ = load_labelled_comments(data_dir / "toxicity" / "jigsaw_toxic_balanced_8k.csv.gz")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"c{i}", "text": t[:300]}) + "\n" for i, t in enumerate(texts[:700])))
+    sae = random_sae(tmp_path / "sae")
+    common = ["embed", f"input={docs}", f"sae={sae}", "embed.precision=fp32", "embed.show_progress_bar=false"]
+
+    def embed(out: str, cache: str, wait: bool = True) -> subprocess.Popen:
+        env = os.environ | {"SAEFEAT_CACHE": str(tmp_path / cache)}
+        proc = subprocess.Popen([sys.executable, "-m", "saefeat.cli", *common, f"output={tmp_path / out}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if wait:
+            assert proc.wait(timeout=600) == 0, proc.stderr.read()
+        return proc
+
+    embed("whole.npz", "cache-whole")
+    proc = embed("cut.npz", "cache-cut", wait=False)
+    deadline = time.time() + 300
+    while not list((tmp_path / "cache-cut").rglob("shard-*.npz")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut.npz").exists()
+    done = {p.name for p in (tmp_path / "cache-cut").rglob("shard-*.npz")}
+    assert done
+    embed("cut.npz", "cache-cut")
+    assert done < {p.name for p in (tmp_path / "cache-cut").rglob("shard-*.npz")}  # kept, and the rest added
+    a, b = load_sparse(tmp_path / "whole.npz"), load_sparse(tmp_path / "cut.npz")
+    assert a.shape == b.shape == (700, 512)
+    np.testing.assert_allclose(a.toarray(), b.toarray(), rtol=1e-6, atol=1e-6)
