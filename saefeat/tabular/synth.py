@@ -59,6 +59,10 @@ class ConditionalSynthesizer:
     def _build(self):
         from sdv.single_table import CTGANSynthesizer, GaussianCopulaSynthesizer, TVAESynthesizer
 
+        for name in ("sdv", "rdt", "copulas", "SingleTableSynthesizer", "MultiTableSynthesizer", "Metadata",
+                     "SingleTableMetadata"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # SDV logs each fit and sample as INFO event dicts
+
         metadata = self.schema.sdv_metadata()
         if self.method == "ctgan":
             return CTGANSynthesizer(metadata, epochs=self.epochs, verbose=False, **self.kwargs)
