@@ -16,8 +16,8 @@ DEFAULT_SOURCES = (("gutenberg", "corpus/gutenberg_one_book_per_author.jsonl.gz"
 
 
 def default_corpus(data_dir: str | Path, n_docs: int = 400, passage_chars: int = 900,
-                   seed: int = 0, sources: tuple[str, ...] = ("gutenberg", "maec")) -> tuple[list[str], list[str]]:
-    """Passages of about `passage_chars` characters, in equal shares from `sources`: Gutenberg books (public
+                   seed: int = 0, names: tuple[str, ...] = ("gutenberg", "maec")) -> tuple[list[str], list[str]]:
+    """Passages of about `passage_chars` characters, in equal shares from the sources `names`: Gutenberg books (public
     domain: the only source for cards shipped with the package) and MAEC calls.
 
     Passages start at a paragraph (Gutenberg) or sentence (MAEC) boundary, end at one, and have their
@@ -27,9 +27,9 @@ def default_corpus(data_dir: str | Path, n_docs: int = 400, passage_chars: int =
     rng = np.random.default_rng(seed)
     texts: list[str] = []
     sources: list[str] = []
-    chosen = [(name, rel) for name, rel in DEFAULT_SOURCES if name in sources]
+    chosen = [(name, rel) for name, rel in DEFAULT_SOURCES if name in names]
     if not chosen:
-        raise SaefeatError(f"unknown corpus sources {sources}; known: {[n for n, _ in DEFAULT_SOURCES]}")
+        raise SaefeatError(f"unknown corpus sources {names}; known: {[n for n, _ in DEFAULT_SOURCES]}")
     shares = [n_docs // len(chosen) + (i < n_docs % len(chosen)) for i in range(len(chosen))]
     for (name, rel), n in zip(chosen, shares):
         path = data_dir / rel

@@ -79,7 +79,7 @@ def default_sae_path(host: str) -> Path:
 
 def default_sentence_sae_path(model: str) -> Path:
     """Folder of the SAE over `model`'s sentence embeddings shipped with the package (`sae_sentence`)."""
-    path = DEFAULTS_DIR / f"{model}-sentence"
+    path = DEFAULTS_DIR / model / "sentence"
     if not (path / SAEFEAT_META).is_file():
         raise MissingFileError(f"no sentence-embedding SAE ships for {model!r}; train one with "
                                "benchmarks/train_sentence_sae.py and pass baselines.sentence_sae=PATH")
