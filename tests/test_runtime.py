@@ -99,7 +99,7 @@ def test_onnx_int8_host_stays_close_and_its_export_is_reused(data_dir, onnx_root
     path, mtime = emb.reader._onnx.path, emb.reader._onnx.path.stat().st_mtime_ns
     got = emb.encode(docs).toarray()
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
-    assert cos.min() > 0.95, cos  # int8 weights and activations: close, not exact
+    assert cos.min() > 0.92, cos  # int8 weights and activations through all six blocks: close, not exact
     assert not np.array_equal(ref, got)
     again = SAEEmbedder("minilm", cache_dir=onnx_root, precision="int8", pooling="mean")
     assert again.reader._onnx.path == path and path.stat().st_mtime_ns == mtime  # exported once, then read

@@ -81,7 +81,7 @@ def real_pre_acts(data_dir):
     with emb._cast_once(), torch.no_grad():
         xs = [x for _, _, x in emb.reader.batches(emb.reader.token_ids(docs), 32)]
         pre = emb.sae.pre_acts(torch.cat(xs))
-    assert pre.dtype == torch.bfloat16 and pre.shape[1] == 4096 and len(pre) >= 1000
+    assert pre.dtype == torch.bfloat16 and pre.shape[1] == emb.sae.d_sae and len(pre) >= 1000
     return pre, emb.sae.k
 
 

@@ -65,7 +65,7 @@ def test_children_carry_what_ran_and_tags_that_match_their_params(task_run):
         assert c["tags.representation"] == c["params.representation"] in ("sae", "dense")
         assert c["tags.method"] == c["params.method"] and c["tags.mlflow.runName"] == f"{c['tags.method']}/" \
             f"{c['tags.representation']}"
-        assert c["params.host"] == "minilm" and c["params.layer"] == "3" and c["params.precision"] in ("fp32", "bf16")
+        assert c["params.host"] == "minilm" and c["params.layer"] == "5" and c["params.precision"] in ("fp32", "bf16")
         assert c["params.hook"] and len(c["params.host_fingerprint"]) == 16 and c["params.device"] == "cpu"
         assert c["metrics.fit_seconds"] > 0 and c["metrics.embed_seconds"] >= 0
         assert "metrics.lambda" not in c or c.isna()["metrics.lambda"]  # λ is a param
