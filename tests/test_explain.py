@@ -334,3 +334,16 @@ def test_cards_shipped_beside_a_default_sae_are_read_only_fallbacks(tmp_path, mo
         found.delete()
     assert not LatentStore.for_sae("abc123", for_writing=True).read_only  # a build writes the user's own store
     assert not LatentStore.for_sae("other").exists
+
+
+def test_the_shipped_minilm_sae_has_its_cards_on_a_fresh_install(tmp_path, monkeypatch):
+    from saefeat.explain.store import LatentStore
+    from saefeat.sae.formats import default_sae_path, load_sae
+
+    monkeypatch.setenv("SAEFEAT_LATENTS", str(tmp_path / "none-built"))
+    sae = load_sae(default_sae_path("minilm"))
+    store = LatentStore.for_sae(sae.content_hash)
+    assert store.read_only and store.meta["corpus"].startswith("gutenberg")  # public-domain text only
+    cards = [c for c in store.cards(list(range(0, sae.d_sae, 1024)), n_top=3) if c.top]
+    assert len(cards) >= 12 and all(c.best_label for c in cards)
+    assert not (tmp_path / "none-built").exists()  # reading wrote nothing
