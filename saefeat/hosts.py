@@ -283,20 +283,42 @@ class Capture:
 
 
 def _fingerprint(target: str, gguf: str | None) -> str:
-    """A stable id of the weights: file hashes for local models, the hub id otherwise."""
+    """A stable id of the weights: a sha256 of every weight file's whole content (local folders and files, and a
+    hub id's cached snapshot, whose commit is part of the id); a hub id that is not cached yet is its name."""
     p = Path(target)
-    files = [p / gguf] if gguf else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    commit = ""
+    if not p.exists():
+        try:  # a hub id: the snapshot transformers will load, if it is in the local cache
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(target, local_files_only=True))
+            commit = p.name
+        except Exception:  # not cached (offline), or not a hub id: nothing to hash
+            return target
+    files = [p / gguf] if gguf else sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")) if p.is_dir() \
+        else [p]
     if not files:
         return target
-    h = hashlib.sha256()
+    h = hashlib.sha256(commit.encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        with open(f, "rb") as fh:  # head and tail: cheap and changes with any re-export
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, st.st_size - (1 << 20)))
-            h.update(fh.read())
+        h.update(f"{f.name}:{_file_digest(f)}".encode())
     return h.hexdigest()[:16]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's content, computed once per (path, size, mtime) in a process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def _trained_length(target: str) -> int | None:

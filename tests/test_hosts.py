@@ -65,3 +65,22 @@ def test_nested_hooks_capture_two_points_in_one_forward(minilm):
     with minilm.hook(3, "input", stop=True) as pre:  # block 3's input is block 2's output
         minilm.forward(batch, "fp32")
     torch.testing.assert_close(pre.value.float(), ref, rtol=0, atol=0)
+
+
+def test_the_host_fingerprint_covers_every_byte_of_the_weights(tmp_path):
+    """A change in the middle of a weights file (not only its first or last MiB) gives another fingerprint."""
+    import os
+
+    from saefeat.hosts import _fingerprint
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(os.urandom(5 << 20))
+    before = _fingerprint(str(folder), None)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert _fingerprint(str(folder), None) != before
+    assert _fingerprint("org/not-cached-model", None) == "org/not-cached-model"  # offline: the name only
