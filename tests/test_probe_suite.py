@@ -177,3 +177,39 @@ def test_cli_runs_the_quick_suite(shared):
     result = CliRunner().invoke(app, ["probe-sae", "--quick", *overrides, "probes=[core]"])
     assert result.exit_code == 0, result.output
     assert "core: explained_variance" in result.output and "1 probe in" in result.output
+
+
+def test_a_sentence_sae_is_scored_by_the_cosine_of_its_codes(shared, tmp_path):
+    """`representation=sae_sentence`: SciFact ranks by the cosine of pooled codes, and `hybrid` fuses them with
+    `sentence`; the nDCG equals a direct computation."""
+    import dataclasses
+
+    from saefeat.config import baseline_config, embed_config
+    from saefeat.embed.vectorizers import SentenceSAEVectorizer, SentenceVectorizer
+    from saefeat.errors import SaefeatError
+    from saefeat.sae.formats import save_sae
+    from saefeat.sae.sentence import train_vector_sae
+
+    _, cfg, data = shared
+    emb, _ = SentenceVectorizer(cache_dir=False).encode_chunks(list(data["comments"]["texts"]))
+    sae, _ = train_vector_sae(emb, d_sae=64, k=8, host="minilm", epochs=5, batch_size=32, seed=0)
+    path = save_sae(sae, tmp_path / "sentence-sae")
+    baselines = dataclasses.replace(baseline_config(cfg), sentence_sae=str(path))
+    sides = probe_sides(embed_config(cfg), baselines, "sae_sentence")
+    assert sides[0].representation == "sae_sentence"
+    beir = data["scifact"]
+    result = retrieval_probe(beir, sides, n_boot=20)
+    vec = SentenceSAEVectorizer(sae=str(path), cache_dir=False)
+    D, Q = vec.transform(beir.texts).toarray(), vec.transform(list(beir.queries.values())).toarray()
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    ndcg = []
+    for i, qid in enumerate(beir.queries):
+        ranked = [beir.doc_ids[r] for r in np.argsort(-(D @ Q[i]))[:10]]
+        dcg = sum(beir.qrels[qid].get(d, 0) / np.log2(j + 2) for j, d in enumerate(ranked))
+        ideal = sorted(beir.qrels[qid].values(), reverse=True)[:10]
+        ndcg.append(dcg / sum(g / np.log2(j + 2) for j, g in enumerate(ideal)))
+    assert result.metrics["sae"]["ndcg_at_10"] == pytest.approx(np.mean(ndcg), abs=1e-6)
+    assert "hybrid_ndcg_at_10" in result.metrics["sae"] and "sae-sentence" not in result.metrics
+    with pytest.raises(SaefeatError, match="sae or sae_sentence"):
+        probe_sides(embed_config(cfg), baseline_config(cfg), "dense")

@@ -211,9 +211,17 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
     for name, retriever in retrievers.items():
         rows, scores = retriever.search(queries, depth)
         per_query[name] = per_query_scores(data.qrels, to_run(qids, index.ids, rows, scores))
+    return _retrieval_result(per_query, n_boot, seed, {"n_docs": len(index), "n_queries": len(qids),
+                                                       "sae_latents_per_doc": index.vectors.nnz / max(len(index), 1)})
+
+
+def _retrieval_result(per_query: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int,
+                      extra: dict[str, float]) -> ProbeResult:
+    """The SciFact result from per-query scores of every side and `hybrid`: reports and paired nDCG@10 gaps."""
+    n_queries = len(next(iter(per_query.values()))["ndcg_at_10"])
     metrics = {name: retrieval_report(pq, n_boot, seed) for name, pq in per_query.items() if name != "hybrid"}
     metrics["sae"] |= {f"hybrid_{k}": v for k, v in retrieval_report(per_query["hybrid"], n_boot, seed).items()}
-    zeros = np.zeros(len(qids))
+    zeros = np.zeros(n_queries)
     mean = lambda _, a: float(np.mean(a))  # noqa: E731
     gaps: dict[str, dict[str, float]] = {}
     for key, sae_side in (("ndcg_at_10", "sae"), ("hybrid_ndcg_at_10", "hybrid")):
@@ -221,11 +229,9 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
                                                                 if b in per_query}
         _merge(gaps, paired_gaps(mean, zeros, values, key, n_boot, seed))
     return ProbeResult(metrics, gaps, ("ndcg_at_10", "hybrid_ndcg_at_10"), {"hybrid_ndcg_at_10": "ndcg_at_10"},
-                       extra={"n_docs": len(index), "n_queries": len(qids),
-                              "sae_latents_per_doc": index.vectors.nnz / max(len(index), 1)})
+                       extra=extra)
 
 
-# ---- property retrieval -----------------------------------------------------------------------------------
 def _vector_retrieval_probe(data: BeirData, sides: Sequence[Side], alpha: float, depth: int, n_boot: int,
                             seed: int) -> ProbeResult:
     """SciFact for a side under test that is not an SAE index (`sae_sentence`): every side ranks by the cosine of
@@ -244,17 +250,7 @@ def _vector_retrieval_probe(data: BeirData, sides: Sequence[Side], alpha: float,
         rows = np.argsort(-S, axis=1)[:, :depth]
         per_query[name] = per_query_scores(data.qrels, to_run(qids, list(ids), list(rows),
                                                               [S[i, r] for i, r in enumerate(rows)]))
-    metrics = {name: retrieval_report(pq, n_boot, seed) for name, pq in per_query.items() if name != "hybrid"}
-    metrics["sae"] |= {f"hybrid_{k}": v for k, v in retrieval_report(per_query["hybrid"], n_boot, seed).items()}
-    zeros = np.zeros(len(qids))
-    mean = lambda _, a: float(np.mean(a))  # noqa: E731
-    gaps: dict[str, dict[str, float]] = {}
-    for key, sae_side in (("ndcg_at_10", "sae"), ("hybrid_ndcg_at_10", "hybrid")):
-        values = {"sae": per_query[sae_side]["ndcg_at_10"]} | {b: per_query[b]["ndcg_at_10"] for b in BASELINES
-                                                                if b in per_query}
-        _merge(gaps, paired_gaps(mean, zeros, values, key, n_boot, seed))
-    return ProbeResult(metrics, gaps, ("ndcg_at_10", "hybrid_ndcg_at_10"), {"hybrid_ndcg_at_10": "ndcg_at_10"},
-                       extra={"n_queries": len(qids), "n_docs": len(ids)})
+    return _retrieval_result(per_query, n_boot, seed, {"n_queries": len(qids), "n_docs": len(ids)})
 
 
 def _unit(x):
@@ -263,6 +259,9 @@ def _unit(x):
         norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
         return sp.diags(1.0 / np.maximum(norms, 1e-12)) @ x
     return normalize(np.asarray(x))
+
+
+# ---- property retrieval -----------------------------------------------------------------------------------
 
 
 def _dense_unit(x) -> np.ndarray:
