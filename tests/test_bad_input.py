@@ -204,9 +204,10 @@ def test_nan_statistics_are_never_cached(tmp_path):
     np.testing.assert_array_equal(StatsCache(tmp_path, {"kind": "sae", "x": 1}).get(["a"]).sum.toarray(), [[1, 0]])
 
 
-def test_kill_9_of_embed_resumes_to_the_same_rows(tmp_path, data_dir):
-    """`saefeat embed` killed with SIGKILL once its first shard is cached; the rerun computes only the rest and
-    writes the same rows as an uninterrupted run."""
+@pytest.mark.parametrize("command", ["embed", "index"])
+def test_kill_9_resumes_to_the_same_rows(tmp_path, data_dir, command):
+    """`saefeat embed` or `saefeat index` killed with SIGKILL once its first shard is cached; the rerun computes
+    only the rest and writes the same rows as an uninterrupted run."""
     import os
     import signal
     import subprocess
@@ -220,9 +221,11 @@ def test_kill_9_of_embed_resumes_to_the_same_rows(tmp_path, data_dir):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"id": f"c{i}", "text": t[:300]}) + "\n" for i, t in enumerate(texts[:700])))
     sae = random_sae(tmp_path / "sae")
-    common = ["embed", f"input={docs}", f"sae={sae}", "embed.precision=fp32", "embed.show_progress_bar=false"]
+    common = [command, f"input={docs}", f"sae={sae}", "embed.precision=fp32", "embed.show_progress_bar=false"]
+    if command == "index":
+        common += ["id_field=id", "dense=none"]
 
-    def embed(out: str, cache: str, wait: bool = True) -> subprocess.Popen:
+    def run(out: str, cache: str, wait: bool = True) -> subprocess.Popen:
         env = os.environ | {"SAEFEAT_CACHE": str(tmp_path / cache)}
         proc = subprocess.Popen([sys.executable, "-m", "saefeat.cli", *common, f"output={tmp_path / out}"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -230,18 +233,23 @@ def test_kill_9_of_embed_resumes_to_the_same_rows(tmp_path, data_dir):
             assert proc.wait(timeout=600) == 0, proc.stderr.read()
         return proc
 
-    embed("whole.npz", "cache-whole")
-    proc = embed("cut.npz", "cache-cut", wait=False)
+    suffix = ".npz" if command == "embed" else ""
+    run(f"whole{suffix}", "cache-whole")
+    proc = run(f"cut{suffix}", "cache-cut", wait=False)
     deadline = time.time() + 300
     while not list((tmp_path / "cache-cut").rglob("shard-*.npz")) and time.time() < deadline:
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "cut.npz").exists()
+    assert not (tmp_path / f"cut{suffix}").exists()  # nothing half-written where the output goes
     done = {p.name for p in (tmp_path / "cache-cut").rglob("shard-*.npz")}
     assert done
-    embed("cut.npz", "cache-cut")
+    run(f"cut{suffix}", "cache-cut")
     assert done < {p.name for p in (tmp_path / "cache-cut").rglob("shard-*.npz")}  # kept, and the rest added
-    a, b = load_sparse(tmp_path / "whole.npz"), load_sparse(tmp_path / "cut.npz")
+    if command == "embed":
+        a, b = load_sparse(tmp_path / "whole.npz"), load_sparse(tmp_path / "cut.npz")
+    else:
+        a, b = (SAEIndex.load(tmp_path / name).vectors for name in ("whole", "cut"))
+        assert list(SAEIndex.load(tmp_path / "cut").ids) == list(SAEIndex.load(tmp_path / "whole").ids)
     assert a.shape == b.shape == (700, 512)
     np.testing.assert_allclose(a.toarray(), b.toarray(), rtol=1e-6, atol=1e-6)

@@ -37,9 +37,11 @@ class TaskRun:
         self._stack = contextlib.ExitStack()
         self._described: dict[str, dict[str, str]] = {}
         self.parent: mlflow.ActiveRun | None = None
+        self.start: float | None = None  # wall_seconds counts from here (a subclass may set an earlier start)
 
     def __enter__(self) -> TaskRun:
-        self.start = time.perf_counter()
+        if self.start is None:
+            self.start = time.perf_counter()
         experiment = self.cfg.tracking.experiment or self.name
         self.parent = self._stack.enter_context(start_run(
             experiment, self.run_name, to_dict(self.cfg),
