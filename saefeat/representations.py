@@ -57,7 +57,7 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
     from saefeat.sae.formats import default_sae_path
 
     embed, baselines = embed or EmbedConfig(), baselines or BaselineConfig()
-    if name in SAE_BASED or name == "dense":
+    if name in ("sae", "hybrid", "dense"):  # the host's activations (and its SAE) as `embed` reads them
         out = embedder_provenance(get_embedder(embed))
         if name == "dense":
             drop = ("sae_hash", "sae_k", "topk_kernel")
@@ -65,20 +65,17 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
         sae = str(default_sae_path(embed.model)) if embed.sae == "default" else str(embed.sae)
         return out | {"sae_id": sae, "pooling": embed.pooling,
                       "pool_k": str(embed.pool_k) if embed.pooling in ("topk", "log1p_topk") else "none"}
-    if name == "sentence":
-        from saefeat.device import resolve_device, resolve_precision
+    if name in ("sentence", "sae_sentence"):  # the device and precision the vectorizer itself resolves
+        from saefeat.device import resolve_device
 
-        device = resolve_device(embed.device)
-        return {"sentence_model": baselines.sentence_model, "device": str(device), "backend": "torch",
-                "precision": resolve_precision(device, embed.precision)}
-    if name == "sae_sentence":
-        from saefeat.device import resolve_device, resolve_precision
-
-        device = resolve_device(embed.device)
-        sae = make_representation(name, embed, baselines).sae_model
-        return {"sentence_model": baselines.sentence_model, "sae_id": baselines.sentence_sae,
-                "sae_hash": sae.content_hash, "sae_k": str(sae.cfg.k), "pooling": baselines.sentence_sae_pooling,
-                "device": str(device), "backend": "torch", "precision": resolve_precision(device, embed.precision)}
+        rep = make_representation(name, embed, baselines)
+        out = {"sentence_model": baselines.sentence_model, "device": str(resolve_device(rep.device)),
+               "backend": "torch", "precision": rep._precision()}
+        if name == "sae_sentence":
+            sae = rep.sae_model
+            out |= {"sae_id": baselines.sentence_sae, "sae_hash": sae.content_hash, "sae_k": str(sae.cfg.k),
+                    "pooling": baselines.sentence_sae_pooling}
+        return out
     if name == "tfidf":
         return {"tfidf_max_features": str(baselines.tfidf_max_features)}
     return {}

@@ -255,6 +255,11 @@ def test_token_and_sentence_saes_are_not_interchangeable(store, tmp_path):
     vectors = window_embeddings(store, 5)
     sae, _ = train_vector_sae(np.tile(vectors, (3, 1)), d_sae=64, k=4, host="minilm", epochs=1, seed=0)
     path = save_sae(sae, tmp_path / "sent")
+    from saefeat.embed.config import BaselineConfig
+    from saefeat.representations import describe_representation
+
+    params = describe_representation("sae_sentence", baselines=BaselineConfig(sentence_sae=str(path)))
+    assert params["sae_hash"] == load_sae(path).content_hash and "layer" not in params  # its own SAE, no layer
     with pytest.raises(SaefeatError, match="not the residual stream"):  # a sentence SAE read at a layer
         SAEEmbedder("minilm", sae=path).encode(["a text"])
     with pytest.raises(SaefeatError, match="not on sentence embeddings"):  # a layer's SAE read as a sentence one
