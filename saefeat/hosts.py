@@ -16,6 +16,7 @@ from torch import nn
 
 from saefeat.device import autocast, resolve_device
 from saefeat.errors import MissingFileError, SaefeatError
+from saefeat.hashing import file_sha256
 
 # Offline aliases: models that ship inside PyPI wheels.
 _ALIASES = {
@@ -313,11 +314,7 @@ def _file_digest(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
 
 

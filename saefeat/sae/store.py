@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from saefeat.atomic import atomic_write
 from saefeat.device import autocast
 from saefeat.errors import MissingFileError, SaefeatError
+from saefeat.hashing import file_sha256
 from saefeat.hosts import HostModel
 from saefeat.sae.activations import CorpusSource, sample_windows
 
@@ -113,14 +114,6 @@ def capture_layers(host: HostModel, windows: list[list[int]], layers: Sequence[i
     return out
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> str:
     """Write `arr` to `path` atomically and durably; return the SHA-256 of the file."""
     digest: list[str] = []
@@ -128,7 +121,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> str:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, arr)
-        digest.append(_sha256(tmp))
+        digest.append(file_sha256(tmp))
 
     atomic_write(path, write, durable=True)
     return digest[0]
@@ -353,7 +346,7 @@ class ActivationStore:
         for rec in [self.manifest["eval"], *self.shards]:
             for name, digest in rec["files"].items():
                 path = self.folder / rec["name"] / name
-                if not path.is_file() or _sha256(path) != digest:
+                if not path.is_file() or file_sha256(path) != digest:
                     bad.append(str(path))
         return bad
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from saefeat.errors import MissingFileError, SaefeatError, SAEFormatError, SAESiteError
+from saefeat.hashing import update_with_file
 from saefeat.sae.formats import gemmascope, native, saelens, sparsify
 from saefeat.sae.formats._common import Format, Parsed
 from saefeat.sae.model import SAE
@@ -42,9 +43,7 @@ __all__ = [
 def file_hash(*paths: Path) -> str:
     h = hashlib.sha256()
     for p in paths:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        update_with_file(h, p)
     return h.hexdigest()[:16]
 
 
