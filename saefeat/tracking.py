@@ -46,22 +46,24 @@ def setup_tracking(uri: str | None = None) -> str:
     return uri
 
 
+# MLflow's experiment kind: it picks the UI's model-training view (MLflow 3 guesses GenAI for an experiment without)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def ensure_experiment(name: str) -> str:
     """Experiment id, creating it with artifacts under ./mlruns/artifacts when the store is local; the UI opens
     it in the model-training view."""
-    from saefeat.ui import mark_model_training
-
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
-        mark_model_training(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:///"):
         root = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent / "artifacts" / name
         location = root.resolve().as_uri()
-    exp_id = mlflow.create_experiment(name, artifact_location=location)
-    mark_model_training(exp_id)
-    return exp_id
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

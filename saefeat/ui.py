@@ -16,10 +16,8 @@ import pandas as pd
 
 from saefeat.errors import MissingFileError
 
-# MLflow's experiment tags: the kind picks the model-training view (not the GenAI one), and a shared view state
-# is what the UI's "share" button stores; `?viewStateShareKey=KEY` opens the runs table in that state.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING_KIND = "custom_model_development"
+# MLflow's experiment tag of a shared view state (what the UI's "share" button stores):
+# `?viewStateShareKey=KEY` opens the runs table in that state
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 
 
@@ -81,8 +79,9 @@ def share_comparison_view(experiment_id: str, parent_id: str, table: pd.DataFram
                           params: Sequence[str] = ("representation", "method", "layer", "pooling", "sae_id")) -> str:
     """Store a view of one task run on its experiment: its child runs only, with the headline metrics (those with
     an interval) and the provenance params as columns; returns the share key for `experiment_url`."""
-    headline = [c for c in table.columns if f"{c}_lo" in table.columns] or \
-        [c for c in table.columns if not c.endswith(("_lo", "_hi"))][:6]
+    from saefeat.evaluation.comparison import headline_metrics
+
+    headline = headline_metrics(table, fallback=6)
     state = {
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
         "orderByKey": "attributes.start_time", "orderByAsc": True, "startTime": "ALL",
@@ -92,10 +91,3 @@ def share_comparison_view(experiment_id: str, parent_id: str, table: pd.DataFram
     key = f"saefeat-{parent_id[:12]}"
     mlflow.MlflowClient().set_experiment_tag(experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(state))
     return key
-
-
-def mark_model_training(experiment_id: str) -> None:
-    """Make the UI open the experiment in its model-training view (MLflow 3 guesses GenAI for new ones)."""
-    client = mlflow.MlflowClient()
-    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) is None:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)

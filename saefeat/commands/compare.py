@@ -26,4 +26,5 @@ def compare(overrides: Sequence[str]) -> None:
     print_table(table, f"{experiment}: latest run {parent_id[:8]}")
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_figure(plot_comparison(table), "comparison.png")
-    print(f"in the MLflow UI (`saefeat ui`): {comparison_link(experiment, f'http://127.0.0.1:{port}')}")
+    link = comparison_link(experiment, f"http://127.0.0.1:{port}", (parent_id, table))
+    print(f"in the MLflow UI (`saefeat ui`): {link}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import mlflow
+import pandas as pd
 from rich.console import Console
 
 from saefeat.config import ConfigError, parse_overrides
@@ -13,11 +14,12 @@ from saefeat.ui import experiment_url, serve, server_command, share_comparison_v
 USAGE = "usage: saefeat ui [store=PATH|URI] [task=NAME] [host=127.0.0.1] [port=5000] [workers=N]"
 
 
-def comparison_link(experiment: str, base_url: str) -> str:
-    """A link to the latest task run of `experiment`: its child runs with the headline metrics as columns."""
+def comparison_link(experiment: str, base_url: str, latest: tuple[str, pd.DataFrame] | None = None) -> str:
+    """A link to the latest task run of `experiment` (`latest`: its `latest_comparison`, when the caller has it):
+    its child runs with the headline metrics as columns."""
     from saefeat.evaluation.comparison import latest_comparison
 
-    parent_id, table = latest_comparison(experiment)
+    parent_id, table = latest or latest_comparison(experiment)
     exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
     return experiment_url(base_url, exp_id, share_comparison_view(exp_id, parent_id, table))
 

@@ -155,19 +155,15 @@ class SentenceVectorizer(_LazyModel):
 
         self._check_input(X)
         texts = check_texts(list(X), field="docs")
-        cache = self._sentence_cache()
+        cache = self._cache()
         hashes = [doc_hash(t) for t in texts]
-        if cache is not None:
-            cache.verify(hashes)
-        todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
+        todo, cached = _todo_and_cached(hashes, cache)
         out = np.zeros((len(texts), self._dim()), np.float32)
         if todo:
             emb, owner = self.encode_chunks([texts[i] for i in todo])
             out[todo] = self._store_means(emb, owner, [hashes[i] for i in todo], cache)
-        if cache is not None:
-            cached = [i for i in range(len(texts)) if i not in set(todo)]
-            if cached:
-                out[cached] = cache.get([hashes[i] for i in cached]).sum
+        if cached:
+            out[cached] = cache.get([hashes[i] for i in cached]).sum
         return out
 
     CHUNKING = 1  # version of `_chunks`: part of the cache key
@@ -181,10 +177,11 @@ class SentenceVectorizer(_LazyModel):
         return {"kind": "sentence", "model": self.model, "fingerprint": _fingerprint(target, None),
                 "max_seq_length": _trained_length(target), "chunking": self.CHUNKING, "precision": self._precision()}
 
-    def _sentence_cache(self) -> StatsCache | None:
+    def _cache(self, **extra: Any) -> StatsCache | None:
+        """The `sentence` cache, or with `extra` settings another one keyed by the same model settings."""
         if self.cache_dir is False:
             return None
-        return StatsCache(self.cache_dir or default_cache_dir(), self.cache_settings())
+        return StatsCache(self.cache_dir or default_cache_dir(), self.cache_settings() | extra)
 
     def encode_chunks(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The model's embedding of every chunk of `texts` (max_seq_length tokens each) and the text it came from."""
@@ -254,23 +251,18 @@ class SentenceSAEVectorizer(SentenceVectorizer):
 
     def transform(self, X: Sequence[str]) -> sp.csr_matrix:
         from saefeat.data import check_texts
-        from saefeat.embed.pooling import pool
+        from saefeat.embed.pooling import TokenStats, pool
 
         self._check_input(X)
         texts = check_texts(list(X), field="docs")
         sae = self.sae_model
-        cache = None
-        if self.cache_dir is not False:
-            cache = StatsCache(self.cache_dir or default_cache_dir(),
-                               self.cache_settings() | {"kind": "sae_sentence", "sae": sae.content_hash})
+        cache = self._cache(kind="sae_sentence", sae=sae.content_hash)
         hashes = [doc_hash(t) for t in texts]
-        if cache is not None:
-            cache.verify(hashes)
-        todo = [i for i, h in enumerate(hashes) if cache is None or h not in cache]
+        todo, cached = _todo_and_cached(hashes, cache)
         parts, order = [], []
         if todo:
             emb, owner = self.encode_chunks([texts[i] for i in todo])
-            sentence = self._sentence_cache()
+            sentence = self._cache()
             fresh = [j for j, i in enumerate(todo) if sentence is None or hashes[i] not in sentence]
             if sentence is not None and fresh:
                 keep = np.isin(owner, fresh)
@@ -282,12 +274,9 @@ class SentenceSAEVectorizer(SentenceVectorizer):
                 cache.put([hashes[i] for i in todo], stats)
             parts.append(stats)
             order += todo
-        cached = [i for i in range(len(texts)) if i not in set(todo)]
         if cached:
             parts.append(cache.get([hashes[i] for i in cached]))
             order += cached
-        from saefeat.embed.pooling import TokenStats
-
         stats = TokenStats.stack(parts) if len(parts) > 1 else parts[0]
         pooled = pool(stats, self.pooling)
         inverse = np.empty(len(order), np.int64)
@@ -296,6 +285,15 @@ class SentenceSAEVectorizer(SentenceVectorizer):
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"latent_{i}" for i in range(self.sae_model.d_sae)], dtype=object)
+
+
+def _todo_and_cached(hashes: list[str], cache: StatsCache | None) -> tuple[list[int], list[int]]:
+    """Positions of the documents to compute and of those the cache holds (damaged shards are dropped first)."""
+    if cache is None:
+        return list(range(len(hashes))), []
+    cache.verify(hashes)
+    todo = [i for i, h in enumerate(hashes) if h not in cache]
+    return todo, [i for i, h in enumerate(hashes) if h in cache]
 
 
 def chunk_code_stats(sae: SAE, emb: np.ndarray, owner: np.ndarray, n_docs: int):

@@ -33,7 +33,7 @@ class TaskRun:
         self.name = str(cfg.task)
         self.run_name = run_name or f"{self.name}-{cfg.embed.model}"
         self.rows: dict[str, dict[str, float]] = {}
-        self.children: dict[str, dict[str, str]] = {}  # child run name -> run id, representation, method
+        self.run_ids: dict[str, str] = {}  # child run name -> its MLflow run id
         self._stack = contextlib.ExitStack()
         self._described: dict[str, dict[str, str]] = {}
         self.parent: mlflow.ActiveRun | None = None
@@ -60,7 +60,7 @@ class TaskRun:
                     table = self.table()
                     mlflow.log_table(table.round(4).reset_index(), "comparison.json")
                     mlflow.log_figure(plot_comparison(table), "comparison.png")
-                    mlflow.log_text(summary_html(self.name, table, self.children, self.parent), "summary.html")
+                    mlflow.log_text(summary_html(self.name, table, self.run_ids, self.parent), "summary.html")
                     print_table(table, f"{self.name}: representations compared")
         finally:
             self._stack.__exit__(*exc)
@@ -96,8 +96,7 @@ class TaskRun:
             yield metrics
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         self.rows[name] = metrics
-        self.children[name] = {"run_id": run.info.run_id, "representation": tags.get("representation", name),
-                               "method": tags.get("method", "")}
+        self.run_ids[name] = run.info.run_id
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.rows, orient="index").rename_axis("representation")
@@ -182,6 +181,12 @@ def _axis_floor(metric: str, lows: np.ndarray) -> float:
     return max(0.0, low - 0.1 * abs(low)) if low >= 0 else low * 1.1
 
 
+def headline_metrics(table: pd.DataFrame, fallback: int = 4) -> list[str]:
+    """The metrics of a comparison that carry a 95% interval, else its first `fallback` metrics."""
+    return [c for c in table.columns if f"{c}_lo" in table.columns] or \
+        [c for c in table.columns if not c.endswith(("_lo", "_hi"))][:fallback]
+
+
 def plot_comparison(table: pd.DataFrame, metrics: list[str] | None = None):
     """The headline metrics (those with a 95% interval) by child run as bars with error bars; SAE-based runs in
     red, the others grey; each axis starts at chance where that is known."""
@@ -190,8 +195,7 @@ def plot_comparison(table: pd.DataFrame, metrics: list[str] | None = None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = metrics or [c for c in table.columns if f"{c}_lo" in table.columns] or \
-        [c for c in table.columns if not c.endswith(("_lo", "_hi"))][:4]
+    metrics = metrics or headline_metrics(table)
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(max(3.2, 0.55 * len(table) + 1.5) * len(metrics), 3.6),
                              squeeze=False)
     colors = ["#d62728" if is_sae_based(str(r)) else "#7f7f7f" for r in table.index]
@@ -213,8 +217,7 @@ def plot_comparison(table: pd.DataFrame, metrics: list[str] | None = None):
     return fig
 
 
-def summary_html(task: str, table: pd.DataFrame, children: dict[str, dict[str, str]],
-                 parent: mlflow.ActiveRun) -> str:
+def summary_html(task: str, table: pd.DataFrame, run_ids: dict[str, str], parent: mlflow.ActiveRun) -> str:
     """A page with the comparison table (value [lo, hi]) and, per child, links to its run and its latent report."""
     exp = parent.info.experiment_id
     client = mlflow.MlflowClient()
@@ -222,8 +225,7 @@ def summary_html(task: str, table: pd.DataFrame, children: dict[str, dict[str, s
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     rows = []
     for name, row in table.iterrows():
-        info = children.get(str(name), {})
-        run_id = info.get("run_id", "")
+        run_id = run_ids.get(str(name), "")
         cells = []
         for m in metrics:
             v = row[m]
