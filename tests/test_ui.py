@@ -17,7 +17,9 @@ import urllib.request
 import mlflow
 import psutil
 import pytest
+import torch
 
+from saefeat.device import resolve_runtime
 from saefeat.ui import SHARED_VIEW_TAG
 
 
@@ -61,11 +63,13 @@ def test_children_carry_what_ran_and_tags_that_match_their_params(task_run):
     parent = runs[runs["tags.saefeat.role"] == "parent"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id]
     assert sorted(children["tags.mlflow.runName"]) == ["dbr_sae/dense", "dbr_sae/sae", "erm/dense", "erm/sae"]
+    ran = resolve_runtime(torch.device("cpu"), "auto", "auto")  # bf16 torch, or int8 ONNX without native bf16
     for _, c in children.iterrows():
         assert c["tags.representation"] == c["params.representation"] in ("sae", "dense")
         assert c["tags.method"] == c["params.method"] and c["tags.mlflow.runName"] == f"{c['tags.method']}/" \
             f"{c['tags.representation']}"
-        assert c["params.host"] == "minilm" and c["params.layer"] == "5" and c["params.precision"] in ("fp32", "bf16")
+        assert c["params.host"] == "minilm" and c["params.layer"] == "5"
+        assert (c["params.backend"], c["params.precision"]) == (ran.backend, ran.precision)  # as resolved here
         assert c["params.hook"] and len(c["params.host_fingerprint"]) == 16 and c["params.device"] == "cpu"
         assert c["metrics.fit_seconds"] > 0 and c["metrics.embed_seconds"] >= 0
         assert "metrics.lambda" not in c or c.isna()["metrics.lambda"]  # λ is a param
