@@ -51,19 +51,21 @@ def read_config(*parts: str) -> DictConfig:
 
 def available(kind: str) -> list[str]:
     """Names of the YAML files in configs/<kind>/ (kind: tasks, models, train, commands)."""
-    folder = configs_dir() / kind
+    folder = configs_dir().joinpath(*kind.split("/"))
     if not folder.is_dir():
         return []
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml") and p.is_file())
 
 
-_LABELS = {"tasks": "task", "models": "model", "train": "training recipe for model", "commands": "command"}
+_LABELS = {"tasks": "task", "models": "model", "train": "training recipe for model", "train/store": "store recipe",
+           "commands": "command"}
 
 
 def _load_named(kind: str, name: str) -> DictConfig:
-    if not (configs_dir() / kind / f"{name}.yaml").is_file():
+    parts = (*kind.split("/"), f"{name}.yaml")
+    if not configs_dir().joinpath(*parts).is_file():
         raise ConfigError(f"unknown {_LABELS[kind]} {name!r}; valid: {', '.join(available(kind))}")
-    return read_config(kind, f"{name}.yaml")
+    return read_config(*parts)
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
@@ -134,6 +136,15 @@ def load_config(kind: str, overrides: Sequence[str] = ()) -> DictConfig:
     if kind == "tasks":
         task = ov.pop("task", None) or str(base.get("task"))
         parts = [_load_named("tasks", task), {"task": task}]
+    elif kind == "train" and "recipe" in ov:  # a store recipe: configs/train/store/<recipe>.yaml + its store
+        recipe = ov.pop("recipe")
+        if model is not None:
+            raise ConfigError(f"recipe={recipe} names its host in its store recipe; drop model={model}")
+        variant = _load_named("train/store", recipe)
+        if "store" not in variant:
+            raise ConfigError(f"configs/train/store/{recipe}.yaml describes an activation store, not an SAE; "
+                              "name an SAE recipe (one with a `store:` key)")
+        parts = [variant, {"store": _load_named("train/store", str(variant.store))}, {"recipe": recipe}]
     elif kind == "train":
         parts = [_load_named("train", model or "minilm")]
     elif kind in ("embed", "index", "describe", "probe"):

@@ -1,11 +1,21 @@
 """Fault injection: bad values, foreign folders, tampered files and code in data are refused up front, by name,
 and nothing the user owns is replaced (issue 18)."""
 
+import gzip
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -204,16 +214,34 @@ def test_nan_statistics_are_never_cached(tmp_path):
     np.testing.assert_array_equal(StatsCache(tmp_path, {"kind": "sae", "x": 1}).get(["a"]).sum.toarray(), [[1, 0]])
 
 
+def saefeat_process(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m saefeat.cli ARGS` in the background, its output collected."""
+    return subprocess.Popen([sys.executable, "-m", "saefeat.cli", *args], env=os.environ | (env or {}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for `proc` to succeed; its output."""
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def kill_9_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds; fail if it ended first (then the test would cut nothing)."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the process ended before the cut: {proc.stdout.read()}"
+        assert time.time() < deadline, "nothing to cut at before the timeout"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.parametrize("command", ["embed", "index"])
 def test_kill_9_resumes_to_the_same_rows(tmp_path, data_dir, command):
     """`saefeat embed` or `saefeat index` killed with SIGKILL once its first shard is cached; the rerun computes
     only the rest and writes the same rows as an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from saefeat.detox.data import load_labelled_comments
     from saefeat.embed.storage import load_sparse
 
@@ -226,21 +254,15 @@ def test_kill_9_resumes_to_the_same_rows(tmp_path, data_dir, command):
         common += ["id_field=id", "dense=none"]
 
     def run(out: str, cache: str, wait: bool = True) -> subprocess.Popen:
-        env = os.environ | {"SAEFEAT_CACHE": str(tmp_path / cache)}
-        proc = subprocess.Popen([sys.executable, "-m", "saefeat.cli", *common, f"output={tmp_path / out}"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = saefeat_process([*common, f"output={tmp_path / out}"], {"SAEFEAT_CACHE": str(tmp_path / cache)})
         if wait:
-            assert proc.wait(timeout=600) == 0, proc.stderr.read()
+            finish(proc)
         return proc
 
     suffix = ".npz" if command == "embed" else ""
     run(f"whole{suffix}", "cache-whole")
     proc = run(f"cut{suffix}", "cache-cut", wait=False)
-    deadline = time.time() + 300
-    while not list((tmp_path / "cache-cut").rglob("shard-*.npz")) and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(proc, lambda: any((tmp_path / "cache-cut").rglob("shard-*.npz")))
     assert not (tmp_path / f"cut{suffix}").exists()  # nothing half-written where the output goes
     done = {p.name for p in (tmp_path / "cache-cut").rglob("shard-*.npz")}
     assert done
@@ -253,3 +275,105 @@ def test_kill_9_resumes_to_the_same_rows(tmp_path, data_dir, command):
         assert list(SAEIndex.load(tmp_path / "cut").ids) == list(SAEIndex.load(tmp_path / "whole").ids)
     assert a.shape == b.shape == (700, 512)
     np.testing.assert_allclose(a.toarray(), b.toarray(), rtol=1e-6, atol=1e-6)
+
+
+def _gz_sample(src: Path, dst: Path, n_docs: int, chars: int) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(src, "rt") as fh, gzip.open(dst, "wt") as out:
+        for i, line in enumerate(fh):
+            if i == n_docs:
+                break
+            out.write(json.dumps({"text": json.loads(line)["text"][:chars]}) + "\n")
+
+
+@pytest.mark.parametrize("phase", ["store", "train"])
+def test_kill_9_of_train_sae_resumes_to_the_same_sae(tmp_path, data_dir, phase):
+    """`saefeat train-sae recipe=...` killed with SIGKILL while it writes its activation store, or once it has
+    written its first training checkpoint; the same command again finishes with the bit-identical SAE of an
+    uninterrupted run and keeps what was done (store shards, the checkpoint's steps). One thread: with two, the
+    order of the threads' partial sums varies, and two uninterrupted runs already differ by about 1e-8."""
+    from saefeat.sae.formats import load_sae
+    from saefeat.sae.store import ActivationStore
+
+    data = tmp_path / "data"  # a few documents of the recipe's corpora, under the names the recipe reads
+    for name in ("corpus/gutenberg_one_book_per_author.jsonl.gz", "earnings/maec_transcripts_unlabeled.jsonl.gz"):
+        _gz_sample(data_dir / name, data / name, 12, 20_000)
+    common = ["train-sae", "recipe=minilm-topk-16k", f"data_dir={data}", "embed.show_progress_bar=false",
+              "store.precision=fp32", "store.seq_len=64", "store.train_tokens=12288", "store.eval_tokens=1024",
+              "store.shard_windows=16", "store.batch_windows=8", "train.bf16=false", "train.d_sae=2048",
+              "train.k=8", "train.epochs=4", "train.batch_size=1024", "train.warmup_steps=2",
+              "train.dead_tokens=2048", "train.checkpoint_every=4", "train.log_every=4", "train.eval_every=0",
+              "half=false"]
+
+    def run(name: str) -> subprocess.Popen:
+        return saefeat_process([*common, f"runs_dir={tmp_path / name}"], {"OMP_NUM_THREADS": "1"})
+
+    finish(run("whole"))
+    cut = tmp_path / "cut"
+    manifest, checkpoint = cut / "stores" / "minilm-L3-L5-w256" / "manifest.json", \
+        cut / "sae" / "minilm-L5-topk32-16k" / "checkpoint.safetensors"
+    if phase == "store":
+        kill_9_when(run("cut"), lambda: manifest.is_file() and '"name"' in manifest.read_text())
+        assert not json.loads(manifest.read_text())["complete"] and not checkpoint.exists()
+        kept = {p.name: p.stat().st_mtime_ns for p in manifest.parent.glob("shard_*/L5.npy")}
+    else:
+        kill_9_when(run("cut"), checkpoint.is_file)
+        kept = {}
+    assert not (checkpoint.parent / "sae").exists()  # no SAE before training finished
+    out = finish(run("cut"))
+    assert ("resuming" in out) == (phase == "train"), out  # training went on from the checkpoint's step
+    for name, mtime in kept.items():  # store shards written before the kill are kept, not rewritten
+        assert (manifest.parent / name / "L5.npy").stat().st_mtime_ns == mtime
+    stores = [ActivationStore(tmp_path / r / "stores" / "minilm-L3-L5-w256") for r in ("whole", "cut")]
+    assert stores[0].fingerprint == stores[1].fingerprint
+    a, b = (load_sae(tmp_path / r / "sae" / "minilm-L5-topk32-16k" / "sae") for r in ("whole", "cut"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    logged = [[json.loads(line)["step"] for line in (tmp_path / r / "sae" / "minilm-L5-topk32-16k" / "log.jsonl")
+               .read_text().splitlines()] for r in ("whole", "cut")]
+    assert logged[0] == logged[1]  # no step logged twice by the resumed run
+
+
+def test_kill_9_of_describe_latents_resumes_to_the_same_cards(tmp_path, data_dir):
+    """`saefeat describe-latents` killed with SIGKILL after its first committed chunk; the same command again
+    continues after that chunk and stores the cards an uninterrupted build stores."""
+    import sqlite3
+
+    from saefeat.detox.data import load_labelled_comments
+    from saefeat.explain.store import LatentStore
+    from saefeat.sae.formats import content_hash
+
+    texts, _ = load_labelled_comments(data_dir / "toxicity" / "jigsaw_toxic_balanced_8k.csv.gz")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t in texts[:160]))
+    sae = random_sae(tmp_path / "sae", d_sae=256, k=8)
+    args = ["describe-latents", f"sae={sae}", f"corpus={corpus}", "n_docs=160", "chunk_docs=4", "n_top=3",
+            "n_sample=3", "embed.precision=fp32", "embed.show_progress_bar=false"]
+
+    def store(name: str) -> LatentStore:
+        return LatentStore.for_sae(content_hash(sae), tmp_path / name)
+
+    def docs_done() -> int:
+        if not store("cut").exists:
+            return 0
+        try:
+            return int(LatentStore(store("cut").path, read_only=True).meta.get("docs_done", 0))
+        except sqlite3.OperationalError:  # the writer holds the lock this instant
+            return 0
+
+    finish(saefeat_process([*args, f"store_dir={tmp_path / 'whole'}"]))
+    kill_9_when(saefeat_process([*args, f"store_dir={tmp_path / 'cut'}"]), lambda: docs_done() >= 4)
+    cut = LatentStore(store("cut").path, read_only=True)
+    done = int(cut.meta["docs_done"])
+    assert 4 <= done < 160 and done % 4 == 0 and not cut.complete  # whole chunks only
+    cut.close()
+    out = finish(saefeat_process([*args, f"store_dir={tmp_path / 'cut'}"]))
+    assert f"resuming latent cards after {done} of 160 documents" in out
+    a, b = store("whole"), store("cut")
+    assert a.complete and b.complete and a.n_tokens == b.n_tokens
+    np.testing.assert_array_equal(a.firing_counts(), b.firing_counts())
+    key = ["latent", "kind", "doc", "pos"]
+    ca, cb = (s.contexts().sort_values(key).reset_index(drop=True) for s in (a, b))
+    assert len(ca) > 0
+    pd.testing.assert_frame_equal(ca.drop(columns="acts"), cb.drop(columns="acts"))
+    np.testing.assert_allclose(np.concatenate(ca.acts.tolist()), np.concatenate(cb.acts.tolist()), rtol=1e-6)

@@ -1,4 +1,11 @@
-"""`saefeat train-sae`: a recipe in, a tracked training run and a saved SAE out."""
+"""`saefeat train-sae`: a recipe in, a tracked training run and a saved SAE out.
+
+Two routes. `model=NAME` runs the quick in-memory trainer of configs/train/<model>.yaml (a streaming buffer; an
+interrupted run starts again, and its seed gives the same SAE). `recipe=NAME` runs an SAE recipe of
+configs/train/store/: its activation store is written (or finished) first, then the SAE trains from it with
+checkpoints; rerunning the same command after an interruption, kill -9 included, resumes both phases and gives the
+SAE an uninterrupted run gives.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from saefeat.hosts import load_host
 from saefeat.sae.activations import CorpusSource
 from saefeat.sae.formats import DEFAULTS_DIR, SAEFEAT_META, save_sae
 from saefeat.sae.model import SAE
-from saefeat.sae.train import TrainConfig, train_sae
+from saefeat.sae.store import ActivationStore, store_config, write_store
+from saefeat.sae.train import StoreTrainConfig, TrainConfig, train_from_store, train_sae
 from saefeat.tracking import start_run
 
 
@@ -32,14 +40,18 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     )
 
 
+def _outside_package(path: Path, key: str) -> None:
+    if path.resolve().is_relative_to(DEFAULTS_DIR.resolve().parent):
+        raise SaefeatError(f"{key}={path} is inside the installed package ({DEFAULTS_DIR.parent}); "
+                           "choose a folder of your own")
+
+
 def output_folder(cfg: DictConfig, tc: TrainConfig) -> Path:
     """Where the SAE goes: `output`, or a new folder under the working directory; never inside the package, and
     an existing folder only with overwrite=true when it holds an SAE saefeat wrote."""
     name = f"sae-{Path(str(cfg.embed.model)).name}-L{tc.layer}-{cfg.architecture}{tc.k}-{tc.d_sae}"
     out = Path(cfg.output) if cfg.output else Path.cwd() / name
-    if out.resolve().is_relative_to(DEFAULTS_DIR.resolve().parent):
-        raise SaefeatError(f"output={out} is inside the installed package ({DEFAULTS_DIR.parent}); "
-                           "choose a folder of your own")
+    _outside_package(out, "output")
     if out.exists() and any(out.iterdir()):
         if not (out / SAEFEAT_META).is_file():
             raise SaefeatError(f"output={out} exists and is not an SAE folder saefeat wrote; choose another")
@@ -50,6 +62,8 @@ def output_folder(cfg: DictConfig, tc: TrainConfig) -> Path:
 
 def run_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
     """Train an SAE as the recipe says, log it to MLflow and save it (saefeat layout)."""
+    if "store" in cfg:
+        return run_store_training(cfg)
     tc = train_config(cfg)
     out = output_folder(cfg, tc)  # checked before any training
     for s in tc.sources:
@@ -68,3 +82,44 @@ def run_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
     for k, v in metrics.items():
         print(f"  {k}: {v:.4f}")
     return sae, metrics, out
+
+
+def write_recipe_store(cfg: DictConfig) -> ActivationStore:
+    """Write, finish or extend the activation store an SAE recipe (`recipe=NAME`) trains from."""
+    s = cfg.store
+    _outside_package(Path(s.output), "store.output")
+    store_doc = {k: v for k, v in to_dict(s).items() if k not in ("model", "output", "runs_dir")}
+    sc = store_config(store_doc)  # checked before the host loads
+    host = load_host(str(s.model), device=cfg.embed.device)
+    store = write_store(host, sc, s.output, show_progress_bar=bool(cfg.embed.show_progress_bar))
+    last = store.manifest.get("last_write", {"tokens": 0, "seconds": 0.0})
+    print(f"store {store.folder}: {store.train_tokens:,} training + {store.manifest['eval']['tokens']:,} held-out "
+          f"tokens of layers {store.layers}" + (f"; this run wrote {last['tokens']:,} tokens in "
+                                                f"{last['seconds']:.0f} s" if last["tokens"] else ""), flush=True)
+    return store
+
+
+def run_store_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
+    """The store route: write the recipe's store where unfinished, then train from it (resuming a checkpoint)."""
+    try:
+        tc = StoreTrainConfig(**to_dict(cfg.train))  # checked before any host or store work
+    except TypeError as e:
+        raise SaefeatError(f"recipe {cfg.recipe}: its `train` section is not a store-trained SAE's ({e})") from None
+    out = Path(cfg.output)
+    _outside_package(out, "output")
+    store = write_recipe_store(cfg)
+    name = f"{cfg.store.model}-L{tc.layer}-{tc.architecture}{tc.k}-{tc.d_sae}"
+    with start_run(cfg.tracking.experiment or "sae-training", name, to_dict(cfg),
+                   tags={"host": str(cfg.store.model), "layer": str(tc.layer), "recipe": str(cfg.recipe),
+                         "run_folder": str(out.resolve())}):
+        sae, metrics, saved = train_from_store(ActivationStore(store.folder), tc, out, half=bool(cfg.half),
+                                               log=lambda m, step: mlflow.log_metrics(m, step=step),
+                                               meta={"recipe": to_dict(cfg)}, device=cfg.embed.device,
+                                               overwrite=bool(cfg.overwrite),
+                                               show_progress_bar=bool(cfg.embed.show_progress_bar))
+        mlflow.set_tag("sae_hash", sae.content_hash)
+        mlflow.log_artifacts(str(saved), artifact_path="sae")
+    print(f"saved {sae.describe()} to {saved}")
+    for k, v in metrics.items():
+        print(f"  {k}: {v:.4f}")
+    return sae, metrics, saved

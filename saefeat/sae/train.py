@@ -471,6 +471,10 @@ def train_from_store(store: ActivationStore, cfg: StoreTrainConfig, output: str 
     name = f"L{cfg.layer} {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k}"
     if start:
         print(f"resuming {name} from {ckpt} at step {start}/{steps}", flush=True)
+        if log_file.is_file():  # lines logged after the checkpoint are logged again by this session
+            kept = [ln for ln in log_file.read_text().splitlines(keepends=True)
+                    if ln.endswith("\n") and json.loads(ln)["step"] <= start]
+            atomic_write(log_file, lambda tmp: Path(tmp).write_text("".join(kept)))
     bar = tqdm(total=steps, initial=start, desc=f"train {name}", disable=not show_progress_bar, unit="step")
     batches = store.batches(cfg.layer, cfg.batch_size, cfg.seed, start=start, group_shards=cfg.group_shards)
     sums: dict[str, float] = {}
