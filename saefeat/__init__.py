@@ -18,6 +18,9 @@ _EXPORTS = {
     "DenseVectorizer": "saefeat.embed.vectorizers",
     "SentenceVectorizer": "saefeat.embed.vectorizers",
     "make_representation": "saefeat.representations",
+    "embed_corpus": "saefeat.engine",
+    "read_embeddings": "saefeat.engine",
+    "RayOptions": "saefeat.engine",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

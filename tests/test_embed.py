@@ -9,12 +9,11 @@ from sklearn.feature_selection import SelectKBest, chi2
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from saefeat.commands.embed import read_ids
 from saefeat.data import DataError
 from saefeat.embed.config import EmbedConfig
 from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.pooling import SPARSE_POOLINGS, TokenStats, pool
-from saefeat.embed.storage import load_sparse
+from saefeat.embed.storage import load_sparse, read_ids
 from saefeat.embed.vectorizers import SAEVectorizer
 from saefeat.embed.windows import split_windows
 from tests.helpers import random_sae
@@ -239,7 +238,8 @@ def test_embed_cli_refuses_bad_outputs_and_ids_before_embedding(sae_path, tmp_pa
     res = run(f"output={out}")
     assert res.exit_code == 2 and "exists; pass overwrite=true" in res.output
     assert out.read_bytes() == b"the user's own file"
-    for extra, message in ((f"output={tmp_path}", "is a folder"), (f"output={tmp_path / 'x.csv'}", "must end in .npz"),
+    for extra, message in ((f"output={tmp_path}", "is a folder saefeat did not write"),
+                           (f"output={tmp_path / 'x.csv'}", "name a .npz file"),
                            (f"output={tmp_path / 'y.npz'} value_dtype=int8", "value_dtype must be one of")):
         res = run(*extra.split())
         assert res.exit_code == 2 and message in res.output, res.output

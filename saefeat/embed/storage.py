@@ -6,6 +6,7 @@ so it loses nothing there (and at most a 5e-4 relative error on fp32 runs); floa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,20 @@ def stored_bytes(X: sp.csr_matrix | np.ndarray, values: str = "float16") -> int:
     nnz, n = X.nnz, X.shape[0]
     return nnz * (np.dtype(values).itemsize + index_dtype(X.shape[1]).itemsize) + (n + 1) * pointer_dtype(
         nnz).itemsize
+
+
+def ids_path(output: str | Path) -> Path:
+    """Where the row ids of an embedding file go: `<output>.ids.jsonl`, one JSON string per line, in row order."""
+    return Path(output).with_suffix(".ids.jsonl")
+
+
+def write_ids(output: str | Path, ids: list[str]) -> None:
+    """Write the row ids beside an embedding file (JSON lines: any string survives, newlines included)."""
+    lines = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids)
+    atomic_write(ids_path(output), lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+
+
+def read_ids(output: str | Path) -> list[str]:
+    """The row ids written beside an embedding file."""
+    with open(ids_path(output), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]

@@ -118,6 +118,51 @@ class SAEIndex:
                     sae_spec=sae_spec, batch_size=config.batch_size, dense_kind=dense)
         return index.add(docs, ids=ids, show_progress_bar=show_progress_bar)
 
+    @classmethod
+    def from_shards(cls, folder: str | Path, pooling: str | None = None, pool_k: int | None = None,
+                    dense: str | None = None, sentence_model: str = "minilm",
+                    show_progress_bar: bool | None = None) -> SAEIndex:
+        """Index a shard folder written by `saefeat embed output=FOLDER` (either backend) without re-embedding:
+        each shard is pooled as it is read, so the token statistics of the whole corpus are never in memory.
+
+        The texts come from the input file the manifest names, the query embedder from its spec; `pooling` and
+        `pool_k` default to EmbedConfig's (max, 64). `dense` (None here: it is a second pass over every document)
+        adds a dense side as in `build`.
+        """
+        from saefeat.data import load_texts
+        from saefeat.embed.vectorizers import get_embedder
+        from saefeat.engine.shards import iter_shards
+        from saefeat.engine.shards import read_manifest as read_shard_manifest
+
+        folder = Path(folder)
+        manifest = read_shard_manifest(folder)
+        if manifest is None:
+            raise SaefeatError(f"{folder} is not a shard folder of `saefeat embed` (no manifest.json)")
+        spec = {k: v for k, v in manifest["spec"].items() if k != "sae_hash"}
+        config = EmbedConfig(**spec, **({"pooling": pooling} if pooling else {}),
+                             **({"pool_k": pool_k} if pool_k else {}))
+        embedder = get_embedder(config)
+        if embedder.sae.content_hash != manifest.get("sae"):
+            raise SaefeatError(f"{folder}: its shards were computed with SAE {manifest.get('sae')}, but "
+                               f"{config.sae} is now {embedder.sae.content_hash}")
+        texts, ids = load_texts(manifest["input"], manifest["text_field"], manifest["id_field"], allow_empty=True)
+        parts, rows = [], []
+        for stats, positions, _ in iter_shards(folder):
+            parts.append(pool(stats, config.pooling, config.pool_k))
+            rows.append(positions)
+        order = np.concatenate(rows)
+        X = sp.vstack(parts, format="csr")
+        if not np.all(order[1:] > order[:-1]):
+            X, order = X[np.argsort(order)], np.sort(order)
+        if len(order) != len(texts):
+            raise SaefeatError(f"{folder}: {len(order)} rows, but {manifest['input']} now has {len(texts)}")
+        sae_spec = config.sae if config.sae == "default" else str(Path(config.sae).resolve())
+        index = cls(embedder, sp.csc_matrix((0, embedder.d_sae), dtype=np.float32), [], [], pooling=config.pooling,
+                    k=config.pool_k, sentence_model=sentence_model, sae_spec=sae_spec,
+                    batch_size=config.batch_size, dense_kind=dense)
+        D = index.encode_dense(texts, show_progress_bar=show_progress_bar) if dense is not None else None
+        return index.add_vectors(X, ids, texts, D)
+
     def add(self, docs: Sequence[str], ids: Sequence[str] | None = None,
             show_progress_bar: bool | None = None) -> SAEIndex:
         """Encode and append documents; the result equals building the index from all documents at once."""
