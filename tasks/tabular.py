@@ -1,9 +1,12 @@
 """Task `tabular`: synthetic table rows conditioned on SAE concepts, scored on real rows the synthesizer never saw.
 
 1. Rows are written as text and encoded with the SAE (a sample of rows: `encode.n_rows`).
-2. Concepts become condition columns: k-means clusters in SAE space, named latents, and the class label.
-3. An SDV synthesizer is fitted on the encoded training rows plus the concept columns and samples rows per concept.
-4. Fidelity, utility (TSTR vs TRTR), conditioning faithfulness, privacy (DCR) and minority-class augmentation are
+2. Concepts become condition columns: k-means clusters in SAE space, named latents, and the class label. With
+   `encode.fit_rows=all`, a classifier of the encoded rows fills in the concept columns of the other training rows
+   (its agreement with encoding is measured on encoded rows it never saw).
+3. An SDV synthesizer is fitted on the training rows plus the concept columns and samples rows per concept.
+4. Fidelity, utility (TSTR vs TRTR, both on the rows the synthesizer fitted), conditioning faithfulness, privacy
+   (DCR; below `privacy.min_dcr_ratio` the synthetic table is not published) and minority-class augmentation are
    measured against held-out real rows. Child runs `real`, `synthetic` and `augmented` carry the same classifier
    metrics; the parent run carries the synthetic-data metrics, tables and plots.
 """
@@ -24,6 +27,7 @@ from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun
 from saefeat.explain.report import log_latent_report
 from saefeat.representations import make_representation
+from saefeat.tabular.assign import assign_concepts
 from saefeat.tabular.concepts import (
     ClusterConcepts,
     add_concept_columns,
@@ -68,6 +72,12 @@ def _check_config(cfg: DictConfig, schema: TableSchema) -> None:
             raise SaefeatError(f"{key} must be a positive number of rows/epochs, got {v}")
     if s.method not in METHODS:
         raise SaefeatError(f"synth.method={s.method!r}; valid: {', '.join(METHODS)}")
+    if e.fit_rows not in ("all", "encoded"):
+        raise SaefeatError(f"encode.fit_rows must be 'all' or 'encoded', got {e.fit_rows!r}")
+    if not 0 < float(e.check_share) < 1:
+        raise SaefeatError(f"encode.check_share must be in (0, 1), got {e.check_share}")
+    if float(cfg.privacy.min_dcr_ratio) < 0:
+        raise SaefeatError(f"privacy.min_dcr_ratio must be >= 0, got {cfg.privacy.min_dcr_ratio}")
     if CLUSTER_COLUMN in schema.types:
         raise DataError(f"{cfg.data.path}: the table already has a column {CLUSTER_COLUMN!r}, which this task adds")
 
@@ -91,10 +101,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     clusters = ClusterConcepts(int(c.n_clusters), int(c.n_signature), str(c.match), CLUSTER_COLUMN, seed)  # checks
     train_idx, hold_idx = split_holdout(table, schema.target, float(cfg.data.holdout), seed)
     check_disjoint(train_idx, hold_idx)
-    train = _sample(table.loc[train_idx], cfg.encode.n_rows, seed)
+    train_all = table.loc[train_idx]
+    train = _sample(train_all, cfg.encode.n_rows, seed)
     holdout = table.loc[hold_idx]
     hold_enc = _sample(holdout, cfg.encode.n_holdout, seed)
-    logger.info("%s: %d rows (%d held out); encoding %d training rows (the synthesizer's) and %d held-out rows",
+    logger.info("%s: %d rows (%d held out); encoding %d training rows and %d held-out rows",
                 cfg.data.path, len(table), len(holdout), len(train), len(hold_enc))
 
     serializer = RowSerializer.for_schema(schema, bool(cfg.serialize.include_target), bool(cfg.serialize.pretty_names))
@@ -109,6 +120,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     concepts, synth_train, synth_schema = add_concept_columns(X_train, train, schema, clusters, named,
                                                               bool(cfg.concepts.label), labels)
+    agreement = pd.DataFrame()
+    if cfg.encode.fit_rows == "all" and len(train) < len(train_all):
+        concept_cols = [c for c in synth_schema.columns if c not in schema.columns]
+        rest, agreement = assign_concepts(synth_train, train_all.drop(train.index), schema, concept_cols, seed,
+                                          float(cfg.encode.check_share), int(cfg.n_jobs))
+        synth_train = pd.concat([synth_train, rest[synth_train.columns]]).loc[train_all.index]
+        for r in agreement.itertuples():
+            logger.info("concept column %s of %d rows not encoded: a classifier agrees with encoding on %.1f%% of "
+                        "%d held-out encoded rows (constant guess %.1f%%)", r.column, r.n_assigned,
+                        100 * r.agreement, r.n_checked, 100 * r.majority)
+    fitted = table.loc[synth_train.index]  # the real rows the synthesizer sees: TRTR and privacy use the same
     t1 = time.time()
     method = str(cfg.synth.method)
     syn = synthesize(synth_train, synth_schema, schema, concepts, holdout.index, method, int(cfg.synth.epochs), seed,
@@ -123,16 +145,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t_faith = time.time() - t2
 
     t3 = time.time()  # fidelity, utility, privacy, augmentation on held-out rows
-    ev = evaluate_synthetic(train, synthetic, extra, holdout, schema, seed, int(cfg.n_boot),
-                            OmegaConf.to_container(cfg.classifier), int(cfg.n_jobs))
+    ev = evaluate_synthetic(fitted, synthetic, extra, holdout, schema, seed, int(cfg.n_boot),
+                            OmegaConf.to_container(cfg.classifier), int(cfg.n_jobs),
+                            None if cfg.privacy.dcr_subsample is None else int(cfg.privacy.dcr_subsample))
     util, aug = ev["utility"], ev["augmentation"]
-    summary = summary_metrics(
-        {"n_synth_train_rows": len(train), "n_holdout_rows": len(holdout), "n_encoded_holdout_rows": len(hold_enc)},
-        ev["fidelity"], util, faith, ev["privacy"], len(extra), aug,
-        {"time_encode_s": t_encode, "time_synth_s": t_synth, "time_faithfulness_s": t_faith,
-         "time_eval_s": time.time() - t3})
+    ratio, floor = ev["privacy"]["dcr_ratio"], float(cfg.privacy.min_dcr_ratio)
+    published = bool(ratio >= floor)
+    counts = {"n_synth_train_rows": len(fitted), "n_encoded_train_rows": len(train), "n_holdout_rows": len(holdout),
+              "n_encoded_holdout_rows": len(hold_enc), "synthetic_published": float(published)}
+    if len(agreement):
+        counts["concept_assignment_agreement"] = float(agreement.agreement.mean())
+    summary = summary_metrics(counts, ev["fidelity"], util, faith, ev["privacy"], len(extra), aug,
+                              {"time_encode_s": t_encode, "time_synth_s": t_synth, "time_faithfulness_s": t_faith,
+                               "time_eval_s": time.time() - t3})
 
-    run_params = {"synth.method": method, "n_train_rows": len(train), "n_holdout_rows": len(holdout)}
+    run_params = {"synth.method": method, "n_train_rows": len(fitted), "n_holdout_rows": len(holdout)}
     with TaskRun(cfg, run_name=f"tabular-{method}-{cfg.embed.model}") as tr:
         with tr.child("real", run_params | {"rows": "real training rows"}) as m:
             m.update(util["trtr"])
@@ -147,13 +174,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mlflow.log_table(faith, "faithfulness.json")
         mlflow.log_table(concept_frame(concepts, report), "concepts.json")
         mlflow.log_table(ev["fidelity_columns"], "fidelity_columns.json")
-        mlflow.log_table(synthetic.head(500).reset_index(drop=True), "synthetic_sample.json")
+        if len(agreement):
+            mlflow.log_table(agreement, "concept_assignment.json")
+        if published:
+            mlflow.log_table(synthetic.head(500).reset_index(drop=True), "synthetic_sample.json")
+        else:  # the privacy guard: no synthetic rows leave the run
+            mlflow.set_tag("synthetic_table", f"withheld: DCR ratio {ratio:.3f} < privacy.min_dcr_ratio {floor}")
         mlflow.log_figure(plot_distributions(holdout, synthetic, schema), "real_vs_synthetic.png")
         mlflow.log_figure(plot_faithfulness(faith), "faithfulness.png")
+        fit_note = ("every training row (concepts of the rows not encoded predicted by a classifier of the encoded "
+                    "ones; its agreement is in concept_assignment.json)" if len(agreement) else "the encoded rows")
         mlflow.log_text(f"encoded {len(train)} of {len(train_idx)} training rows and {len(hold_enc)} of "
                         f"{len(holdout)} held-out rows ({cfg.embed.model}, SAE {cfg.embed.sae}); the synthesizer "
-                        f"was fitted on the encoded training rows only", "sampling.txt")
+                        f"was fitted on {len(fitted)} rows: {fit_note}", "sampling.txt")
     print_faithfulness(faith)
+    if not published:
+        logger.warning("privacy guard: synthetic rows sit closer to the training rows than new real rows do (DCR "
+                       "ratio %.3f < privacy.min_dcr_ratio %.2f); the synthetic table is not published", ratio, floor)
     print_metrics(summary, f"tabular ({method}, {cfg.embed.model}): synthetic data on held-out real rows")
     logger.info("tabular task finished in %.0f s", time.time() - t0)
     return summary

@@ -216,6 +216,7 @@ def test_kill_9_on_ray_ends_with_the_same_rows(corpus, config, local_run, tmp_pa
         assert sum(r["rows"] for r in manifest["shards"].values()) == 60 and manifest["sessions"][-1]["docs"] < 60
         import mlflow
 
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the store the subprocess wrote to
         runs = mlflow.search_runs(experiment_names=["embeddings"])  # the finished session's run
         assert len(runs) >= 1 and runs["metrics.actors"].max() == 2 and runs["metrics.tokens_per_s"].max() > 0
         assert runs["tags.backend"].tolist()[0] == "ray"

@@ -160,24 +160,52 @@ def test_metrics_use_only_unseen_rows(adult):
     assert copy["synthetic_exact_copies"] == 1.0 and copy["dcr_synthetic_median"] == 0.0
 
 
+def test_concepts_of_rows_not_encoded_are_predicted_and_checked(adult):
+    from saefeat.tabular.assign import assign_concepts
+
+    _, table, schema = adult
+    encoded, rest = table.iloc[:1200].copy(), table.iloc[1200:2000]
+    encoded["older"] = np.where(encoded["age"] > 40, "yes", "no")  # a concept the table columns determine
+    encoded["coin"] = np.random.default_rng(0).choice(["a", "b"], len(encoded))  # one they do not
+    out, agree = assign_concepts(encoded, rest, schema, ["older", "coin"], seed=0)
+    by = agree.set_index("column")
+    assert by.loc["older", "agreement"] > 0.97 and by.loc["older", "n_checked"] == 240
+    assert by.loc["coin", "agreement"] < 0.6  # no better than a guess: the table says so
+    assert list(out.index) == list(rest.index)
+    assert (out["older"] == np.where(rest["age"] > 40, "yes", "no")).mean() > 0.97
+
+
 # ---- the task end to end -------------------------------------------------------------------------
-def test_task_runs_end_to_end(data_dir):
+def test_task_runs_end_to_end(data_dir, tmp_path):
+    """On 3,000 Adult rows (a copy in tmp_path): 200 encoded, the synthesizer fitted on all 2,400 training rows
+    with the concepts of the other 2,200 predicted; a privacy floor no synthesizer meets withholds the table."""
     import mlflow
 
     from saefeat.config import load_config
     from saefeat.tasks import get_task
 
-    cfg = load_config("tasks", ["task=tabular", f"data_dir={data_dir}", "encode.n_rows=200", "encode.n_holdout=60",
-                                "encode.n_per_concept=10", "concepts.n_clusters=3", "n_boot=20",
-                                "classifier.n_estimators=60", "synth.epochs=5", "embed.show_progress_bar=false"])
+    rows = tmp_path / "adult_3000.csv"
+    pd.read_csv(data_dir / "tabular" / "adult_train.csv").iloc[:3000].to_csv(rows, index=False)
+    cfg = load_config("tasks", ["task=tabular", f"data_dir={data_dir}", f"data.path={rows}", "encode.n_rows=200",
+                                "encode.n_holdout=60", "encode.n_per_concept=10", "concepts.n_clusters=3", "n_boot=20",
+                                "classifier.n_estimators=60", "synth.method=gaussian_copula", "embed.show_progress_bar=false",
+                                "privacy.min_dcr_ratio=10", "privacy.dcr_subsample=300"])
     out = get_task("tabular")(cfg)
-    assert out["n_synth_train_rows"] == 200 and out["faithfulness_concepts_eligible"] >= 0
+    assert out["n_synth_train_rows"] == 2400 and out["n_encoded_train_rows"] == 200
+    assert 0 < out["concept_assignment_agreement"] <= 1 and out["faithfulness_concepts_eligible"] >= 0
     assert 0 <= out["faithfulness_mean_rate"] <= 1 and 0 < out["utility_ratio"] < 1.5
+    assert 0 <= out["sdm_dcr_overfitting_protection"] <= 1 and 0 <= out["sdm_dcr_closer_to_training"] <= 1
+    assert out["synthetic_published"] == 0.0  # the guard: a DCR ratio of 10 is out of reach
     runs = mlflow.search_runs(experiment_names=["tabular"])
     assert set(runs["tags.representation"].dropna()) == {"real", "synthetic", "augmented"}
     parent = runs[runs["tags.saefeat.role"] == "parent"].iloc[0]
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id)}
-    assert {"faithfulness.json", "concepts.json", "real_vs_synthetic.png", "faithfulness.png"} <= arts
+    assert {"faithfulness.json", "concepts.json", "concept_assignment.json", "real_vs_synthetic.png",
+            "faithfulness.png"} <= arts
+    assert "synthetic_sample.json" not in arts and parent["tags.synthetic_table"].startswith("withheld: DCR ratio")
+    faith = pd.read_json(mlflow.artifacts.download_artifacts(run_id=parent.run_id, artifact_path="faithfulness.json"),
+                         orient="split")
+    assert (faith.not_eligible_because == "").eq(faith.meets_target.notna()).all()  # every concept: scored, or why not
 
     bad = load_config("tasks", ["task=tabular", f"data_dir={data_dir}", "data.categorical=[colour]"])
     with pytest.raises(DataError, match="'colour'"):

@@ -6,6 +6,7 @@ overlap, so no metric is computed on a row the synthesizer saw.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -165,13 +166,14 @@ def _gower_space(df: pd.DataFrame, schema: TableSchema, lo: pd.Series, span: pd.
 
 
 def privacy(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame,
-            schema: TableSchema, n_jobs: int = -1) -> dict[str, float]:
+            schema: TableSchema, n_jobs: int = -1, subsample: int | None = 2000) -> dict[str, float]:
     """Distance to the closest training record (DCR, Gower distance in [0, 1]) of synthetic rows, compared with
     that of real held-out rows, which the synthesizer never saw.
 
     Metrics: medians of both, their ratio (>= 1: synthetic rows sit no closer to training rows than new real
     rows do), the share of exact copies of a training row in each, and the share of synthetic rows closer than
-    the 5th percentile of held-out DCR (about 0.05 when the synthesizer does not memorise).
+    the 5th percentile of held-out DCR (about 0.05 when the synthesizer does not memorise); then sdmetrics'
+    `DCROverfittingProtection` and `DCRBaselineProtection` (`sdmetrics_dcr`).
     """
     check_disjoint(train.index, holdout.index)
     num = train[schema.numerical].astype(float)
@@ -185,11 +187,35 @@ def privacy(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame,
     dcr_hold = nn.kneighbors(space["holdout"])[0][:, 0] / n_cols
     p5 = float(np.percentile(dcr_hold, 5))
     med_syn, med_hold = float(np.median(dcr_syn)), float(np.median(dcr_hold))
-    return {"dcr_synthetic_median": med_syn, "dcr_holdout_median": med_hold,
-            "dcr_ratio": med_syn / med_hold if med_hold > 0 else float("nan"),
-            "synthetic_exact_copies": float(np.mean(dcr_syn < 1e-9)),
-            "holdout_exact_copies": float(np.mean(dcr_hold < 1e-9)),
-            "synthetic_below_holdout_p5": float(np.mean(dcr_syn < p5))}
+    out = {"dcr_synthetic_median": med_syn, "dcr_holdout_median": med_hold,
+           "dcr_ratio": med_syn / med_hold if med_hold > 0 else float("nan"),
+           "synthetic_exact_copies": float(np.mean(dcr_syn < 1e-9)),
+           "holdout_exact_copies": float(np.mean(dcr_hold < 1e-9)),
+           "synthetic_below_holdout_p5": float(np.mean(dcr_syn < p5))}
+    return out | sdmetrics_dcr(train, synthetic, holdout, schema, subsample)
+
+
+def sdmetrics_dcr(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame, schema: TableSchema,
+                  subsample: int | None = 2000, seed: int = 0) -> dict[str, float]:
+    """sdmetrics' DCR scores: `sdm_dcr_overfitting_protection` (1 when synthetic rows are no closer to the
+    training rows than to held-out real rows; its `closer_to_training` share should be about 0.5 for a
+    synthesizer that does not memorise) and `sdm_dcr_baseline_protection` (DCR of synthetic rows relative to
+    random rows, 1 = as far from the training rows as noise). `subsample` synthetic rows (one iteration)."""
+    from sdmetrics.single_table import DCRBaselineProtection, DCROverfittingProtection
+
+    meta = {"tables": {"table": {"columns": {c: {"sdtype": t} for c, t in schema.types.items()}}}}
+    cols = schema.columns
+    n = None if subsample is None or subsample >= len(synthetic) else int(subsample)
+    np.random.seed(seed)  # sdmetrics subsamples with numpy's global generator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        over = DCROverfittingProtection.compute_breakdown(train[cols], synthetic[cols], holdout[cols], meta, "table",
+                                                          num_rows_subsample=n)
+        base = DCRBaselineProtection.compute_breakdown(train[cols], synthetic[cols], meta, "table",
+                                                       num_rows_subsample=n)
+    return {"sdm_dcr_overfitting_protection": float(over["score"]),
+            "sdm_dcr_closer_to_training": float(over["synthetic_data_percentages"]["closer_to_training"]),
+            "sdm_dcr_baseline_protection": float(base["score"])}
 
 
 def faithfulness(concepts: Sequence[Concept], synthetic_X: Mapping[str, object], real_X,
@@ -204,7 +230,8 @@ def faithfulness(concepts: Sequence[Concept], synthetic_X: Mapping[str, object],
         real_members: concept name -> boolean mask of `real_X` rows that belong to the concept (their rate is
             what a perfect synthesizer would reach).
     Columns: concept, kind, latents, synthetic_rate, base_rate, real_member_rate, lift, meets_target
-    (synthetic_rate >= target_rate where base_rate < max_base_rate; None where the base rate is higher).
+    (synthetic_rate >= target_rate where base_rate < max_base_rate; None where the base rate is higher, with the
+    reason in not_eligible_because).
     """
     rows = []
     for c in concepts:
@@ -219,5 +246,8 @@ def faithfulness(concepts: Sequence[Concept], synthetic_X: Mapping[str, object],
                      "n_synthetic": len(syn), "synthetic_rate": rate, "base_rate": base_rate,
                      "real_member_rate": member_rate, "lift": rate / base_rate if base_rate > 0 else float("inf"),
                      "meets_target": (rate >= target_rate) if base_rate < max_base_rate else None,
+                     "not_eligible_because": "" if base_rate < max_base_rate else
+                     f"its latents fire in {base_rate:.0%} of real rows (>= {max_base_rate:.0%}): firing tells "
+                     "little about the concept",
                      "description": c.description})
     return pd.DataFrame(rows)

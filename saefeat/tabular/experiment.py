@@ -78,13 +78,14 @@ def concept_faithfulness(concepts: Sequence[Concept], synthetic_X: Mapping[str, 
 
 def evaluate_synthetic(train: pd.DataFrame, synthetic: pd.DataFrame, extra: pd.DataFrame, holdout: pd.DataFrame,
                        schema: TableSchema, seed: int = 0, n_boot: int = 1000,
-                       params: Mapping[str, object] | None = None, n_jobs: int = -1) -> dict[str, Any]:
+                       params: Mapping[str, object] | None = None, n_jobs: int = -1,
+                       dcr_subsample: int | None = 2000) -> dict[str, Any]:
     """Fidelity (and its per-column details), utility, privacy of `synthetic` rows and the augmentation of the
     training rows with the minority-class `extra` rows, all measured on held-out real rows."""
     fid, details = fidelity(train, synthetic, holdout, schema, seed=seed)
     return {"fidelity": fid, "fidelity_columns": details,
             "utility": utility(train, synthetic, holdout, schema, seed, n_boot, params, n_jobs),
-            "privacy": privacy(train, synthetic, holdout, schema, n_jobs),
+            "privacy": privacy(train, synthetic, holdout, schema, n_jobs, dcr_subsample),
             "augmentation": augmentation(train, extra, holdout, schema, seed, n_boot, params, n_jobs)}
 
 

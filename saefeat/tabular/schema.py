@@ -58,8 +58,7 @@ class TableSchema:
         """The table's SDV `Metadata` (single table named "table")."""
         from sdv.metadata import Metadata
 
-        cols = {c: {"sdtype": t} if t == CATEGORICAL else {"sdtype": t, "computer_representation": "Float"}
-                for c, t in self.types.items()}
+        cols = {c: {"sdtype": t} for c, t in self.types.items()}
         return Metadata.load_from_dict({"METADATA_SPEC_VERSION": "V1", "tables": {"table": {"columns": cols}}})
 
 

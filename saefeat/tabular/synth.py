@@ -107,7 +107,12 @@ class ConditionalSynthesizer:
         cond = Condition(num_rows=int(n), column_values=dict(values))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rows = _table(self.model_.sample_from_conditions([cond], max_tries_per_batch=max_tries_per_batch))
+            try:
+                rows = _table(self.model_.sample_from_conditions([cond], max_tries_per_batch=max_tries_per_batch))
+            except ValueError as e:  # SDV: "Unable to sample any rows for the given conditions"
+                raise SaefeatError(f"condition {dict(values)}: the {self.method} synthesizer produced no matching "
+                                   f"row in {max_tries_per_batch} batches; the value is rare in what it learned "
+                                   "(more synth.epochs, or fewer concepts, help)") from e
         if len(rows) < n:
             logger.warning("condition %s: SDV returned %d of %d rows", dict(values), len(rows), n)
         if len(rows) == 0:
