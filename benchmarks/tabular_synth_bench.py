@@ -31,6 +31,8 @@ def fit_sample(method: str, train: pd.DataFrame, schema, epochs: int, seed: int)
     if method == "arf":
         from arfpy import arf
 
+        if not hasattr(np, "in1d"):  # arfpy 0.1.1 calls np.in1d, which numpy 2.4 removed (np.isin replaces it)
+            np.in1d = np.isin
         np.random.seed(seed)
         x = train[schema.columns].copy()
         for c in schema.categorical:  # arfpy has no missing values: a category of their own, mapped back

@@ -76,12 +76,17 @@ def run_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
                    tags={"host": model, "layer": str(tc.layer)}):
         sae, metrics = train_sae(host, tc, log=lambda m, step: mlflow.log_metrics(m, step=step))
         save_sae(sae, out, meta={"recipe": to_dict(cfg), "metrics": metrics}, half=bool(cfg.half))
-        mlflow.set_tag("sae_hash", sae.content_hash)
-        mlflow.log_artifacts(str(out), artifact_path="sae")
-    print(f"saved {sae.describe()} to {out}")
+        _log_saved(sae, metrics, out)
+    return sae, metrics, out
+
+
+def _log_saved(sae: SAE, metrics: dict[str, float], folder: Path) -> None:
+    """Tag the active MLflow run with the SAE, attach its folder, and print where it went with its metrics."""
+    mlflow.set_tag("sae_hash", sae.content_hash)
+    mlflow.log_artifacts(str(folder), artifact_path="sae")
+    print(f"saved {sae.describe()} to {folder}")
     for k, v in metrics.items():
         print(f"  {k}: {v:.4f}")
-    return sae, metrics, out
 
 
 def write_recipe_store(cfg: DictConfig) -> ActivationStore:
@@ -117,9 +122,5 @@ def run_store_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
                                                meta={"recipe": to_dict(cfg)}, device=cfg.embed.device,
                                                overwrite=bool(cfg.overwrite),
                                                show_progress_bar=bool(cfg.embed.show_progress_bar))
-        mlflow.set_tag("sae_hash", sae.content_hash)
-        mlflow.log_artifacts(str(saved), artifact_path="sae")
-    print(f"saved {sae.describe()} to {saved}")
-    for k, v in metrics.items():
-        print(f"  {k}: {v:.4f}")
+        _log_saved(sae, metrics, saved)
     return sae, metrics, saved

@@ -31,9 +31,12 @@ def worker_spec(config: EmbedConfig) -> dict[str, Any]:
     return spec
 
 
+RUNTIME_KEYS = ("batch_size", "cache", "cache_dir")  # how a worker runs, never what its rows hold
+
+
 def spec_hash(spec: dict[str, Any]) -> str:
-    """The spec id: a hash of everything that decides a shard's rows (batch size excluded)."""
-    return settings_hash({k: v for k, v in spec.items() if k != "batch_size"})
+    """The spec id: a hash of everything that decides a shard's rows (not `RUNTIME_KEYS`)."""
+    return settings_hash({k: v for k, v in spec.items() if k not in RUNTIME_KEYS})
 
 
 class StatsWorker:
