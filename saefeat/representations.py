@@ -35,7 +35,8 @@ def make_representation(name: str, embed: EmbedConfig | None = None,
     if name == "sentence":
         return SentenceVectorizer(model=baselines.sentence_model, batch_size=embed.batch_size, device=embed.device,
                                   cache_dir=embed.cache_dir if embed.cache else False,
-                                  show_progress_bar=embed.show_progress_bar, precision=embed.precision)
+                                  show_progress_bar=embed.show_progress_bar, precision=embed.precision,
+                                  long_docs=baselines.sentence_long_docs)
     if name == "sae_sentence":
         return SentenceSAEVectorizer(sae=baselines.sentence_sae, model=baselines.sentence_model,
                                      pooling=baselines.sentence_sae_pooling, batch_size=embed.batch_size,

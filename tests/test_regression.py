@@ -65,3 +65,23 @@ def test_retrieval_ndcg_is_pinned(data_dir, tmp_path):
     results = get_task("retrieval")(cfg)
     for name, expected in RETRIEVAL_PINS.items():
         pinned(results[name]["ndcg_at_10"], expected, RETRIEVAL_TOL[name], f"SciFact nDCG@10 of {name}")
+
+
+def test_sentence_matches_sentence_transformers_encode(data_dir):
+    """`sentence` (its default `truncate`) is sentence-transformers' own `encode` of the same text, long abstracts
+    included; `mean` differs exactly where a text is longer than max_seq_length."""
+    from saefeat.embed.vectorizers import SentenceVectorizer
+    from saefeat.retrieval.evaluation import load_beir
+
+    texts = load_beir(data_dir / "retrieval" / "scifact", "train").texts
+    vec = SentenceVectorizer("minilm", precision="fp32", cache_dir=False)
+    lengths = [len(vec.st.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts[:200]]
+    long, short = [i for i, n in enumerate(lengths) if n > 300][:3], [i for i, n in enumerate(lengths) if n < 200][:3]
+    sample = [texts[i] for i in long + short]
+    ours = vec.transform(sample)
+    theirs = vec.st.encode(sample, normalize_embeddings=True, convert_to_numpy=True)
+    cos = np.sum(ours * theirs, axis=1) / np.linalg.norm(ours, axis=1)
+    assert cos.min() > 0.9999, cos
+    means = SentenceVectorizer("minilm", precision="fp32", cache_dir=False, long_docs="mean").transform(sample)
+    cos_mean = np.sum(means * theirs, axis=1) / np.linalg.norm(means, axis=1)
+    assert cos_mean[:3].max() < 0.99 and cos_mean[3:].min() > 0.9999  # chunks change long texts only

@@ -17,6 +17,9 @@ from saefeat.errors import SaefeatError
 ENCODE_TIME = ("pooling", "pool_k", "batch_size", "show_progress_bar")
 
 
+LONG_DOCS = ("truncate", "mean")  # how `sentence` reads a document longer than its model's max_seq_length
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """How documents are embedded.
@@ -105,6 +108,9 @@ class BaselineConfig:
         sentence_sae: the SAE of `sae_sentence` (trained on `sentence_model`'s sentence embeddings); "default" is
             the one shipped for that model.
         sentence_sae_pooling: how `sae_sentence` pools its chunks' codes (a sparse pooling, as for `sae`).
+        sentence_long_docs: a document longer than the model's max_seq_length: `truncate` (what
+            sentence-transformers' `encode` does: its first max_seq_length tokens) or `mean` (the mean embedding of
+            its chunks of that length, for documents whose content is spread over thousands of tokens).
     """
 
     dense_pooling: str = "mean"
@@ -112,8 +118,12 @@ class BaselineConfig:
     tfidf_max_features: int | None = 20_000
     sentence_sae: str = "default"
     sentence_sae_pooling: str = "max"
+    sentence_long_docs: str = "truncate"
 
     def __post_init__(self) -> None:
+        if self.sentence_long_docs not in LONG_DOCS:
+            raise SaefeatError(f"baselines.sentence_long_docs must be one of {', '.join(LONG_DOCS)}; "
+                               f"got {self.sentence_long_docs!r}")
         if self.dense_pooling not in DENSE_POOLINGS:
             raise SaefeatError(f"baselines.dense_pooling must be one of {', '.join(DENSE_POOLINGS)}; "
                                f"got {self.dense_pooling!r}")

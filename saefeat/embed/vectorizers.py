@@ -118,16 +118,18 @@ class DenseVectorizer(SAEVectorizer):
 class SentenceVectorizer(_LazyModel):
     """Documents -> the full model's sentence embedding (sentence-transformers).
 
-    Documents longer than the model's max_seq_length are split into chunks of that many tokens and
-    their embeddings averaged, so long texts are not silently truncated.
+    `long_docs`: a document longer than the model's max_seq_length is truncated to it (`truncate`, what
+    sentence-transformers' own `encode` does), or split into chunks of that many tokens whose embeddings are
+    averaged (`mean`, for long documents such as earnings calls).
     """
 
     _model_attr = "_st"
 
     def __init__(self, model: str = "minilm", batch_size: int = 32, device: str | None = None,
-                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto"):
+                 cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto",
+                 long_docs: str = "truncate"):
         self.model, self.batch_size, self.device, self.precision = model, batch_size, device, precision
-        self.cache_dir, self.show_progress_bar = cache_dir, show_progress_bar
+        self.cache_dir, self.show_progress_bar, self.long_docs = cache_dir, show_progress_bar, long_docs
 
     @property
     def st(self):
@@ -143,6 +145,8 @@ class SentenceVectorizer(_LazyModel):
         return self._st
 
     def _chunks(self, text: str) -> list[str]:
+        if self.long_docs == "truncate":
+            return [text]  # sentence-transformers cuts it at max_seq_length
         tok = self.st.tokenizer
         ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         size = self.st.max_seq_length - 2
@@ -174,8 +178,9 @@ class SentenceVectorizer(_LazyModel):
         from saefeat.hosts import _fingerprint, _trained_length, resolve_host_path
 
         target, _ = resolve_host_path(self.model)
+        chunking = self.CHUNKING if self.long_docs == "mean" else "truncate"  # mean keeps the old cache keys
         return {"kind": "sentence", "model": self.model, "fingerprint": _fingerprint(target, None),
-                "max_seq_length": _trained_length(target), "chunking": self.CHUNKING, "precision": self._precision()}
+                "max_seq_length": _trained_length(target), "chunking": chunking, "precision": self._precision()}
 
     def _cache(self, **extra: Any) -> StatsCache | None:
         """The `sentence` cache, or with `extra` settings another one keyed by the same model settings."""
@@ -229,7 +234,7 @@ class SentenceSAEVectorizer(SentenceVectorizer):
     def __init__(self, sae: str = "default", model: str = "minilm", pooling: str = "max", batch_size: int = 32,
                  device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None,
                  precision: str = "auto"):
-        super().__init__(model, batch_size, device, cache_dir, show_progress_bar, precision)
+        super().__init__(model, batch_size, device, cache_dir, show_progress_bar, precision, long_docs="mean")
         self.sae, self.pooling = sae, pooling
 
     @property
