@@ -37,3 +37,23 @@ def test_train_sae_never_writes_into_the_package_or_over_a_user_folder(tmp_path)
     res = CliRunner().invoke(app, ["train-sae", f"output={mine}"])
     assert res.exit_code == 2 and "not an SAE folder saefeat wrote" in res.output
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_store_recipes_are_named_and_checked_before_any_work(tmp_path):
+    """`train-sae recipe=NAME`: an unknown name lists the recipes, a store recipe is not an SAE recipe, a host is
+    the store's to name, and the outputs (run folder and store) may not be inside the package."""
+    from saefeat.sae.formats import DEFAULTS_DIR
+
+    run = lambda *a: CliRunner().invoke(app, ["train-sae", *a])  # noqa: E731
+    res = run("recipe=nope")
+    assert res.exit_code == 2 and "unknown store recipe 'nope'" in res.output and "minilm-topk-16k" in res.output
+    res = run("recipe=minilm-store")
+    assert res.exit_code == 2 and "describes an activation store, not an SAE" in res.output
+    res = run("recipe=minilm-topk-16k", "model=smollm2")
+    assert res.exit_code == 2 and "names its host in its store recipe" in res.output
+    res = run("recipe=minilm-topk-16k", f"output={DEFAULTS_DIR / 'x'}")
+    assert res.exit_code == 2 and "inside the installed package" in res.output
+    res = run("recipe=minilm-topk-16k", f"output={tmp_path / 'run'}", f"store.output={DEFAULTS_DIR / 's'}")
+    assert res.exit_code == 2 and "store.output" in res.output and not (tmp_path / "run").exists()
+    res = run("recipe=minilm-topk-16k", "train.architecture=magic")
+    assert res.exit_code == 2 and "magic" in res.output
