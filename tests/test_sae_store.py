@@ -220,7 +220,7 @@ def test_sentence_sae_codes_are_pooled_over_chunks_and_cached(store, tmp_path):
     from saefeat.sae.formats import load_sae, save_sae
     from saefeat.sae.sentence import short_chunks, train_vector_sae, window_embeddings
 
-    st = SentenceVectorizer(cache_dir=False)
+    st = SentenceVectorizer(cache_dir=False, long_docs="mean")  # the chunking sae_sentence pools over
     chunks = short_chunks(store, st.st.tokenizer.decode, 150, 8, 40, seed=1)
     vectors = np.concatenate([window_embeddings(store, 5), st.encode_chunks(chunks)[0]])
     sae, metrics = train_vector_sae(vectors, d_sae=256, k=8, host="minilm", epochs=30, batch_size=64, seed=0)
@@ -240,10 +240,11 @@ def test_sentence_sae_codes_are_pooled_over_chunks_and_cached(store, tmp_path):
     again = SentenceSAEVectorizer(sae=str(path), cache_dir=tmp_path / "c")
     again.encode_chunks = lambda texts: pytest.fail("encoded again")  # every document is cached
     np.testing.assert_array_equal(again.transform(docs[::-1]).toarray(), X.toarray()[::-1])
-    sentence = SentenceVectorizer(cache_dir=tmp_path / "c")  # the chunks also filled the `sentence` cache
+    # the chunks also filled the cache of `sentence` with long_docs=mean (its key, not truncate's)
+    sentence = SentenceVectorizer(cache_dir=tmp_path / "c", long_docs="mean")
     sentence.encode_chunks = lambda texts: pytest.fail("encoded again")
-    np.testing.assert_allclose(sentence.transform(docs), SentenceVectorizer(cache_dir=False).transform(docs),
-                               atol=1e-6)
+    np.testing.assert_allclose(sentence.transform(docs),
+                               SentenceVectorizer(cache_dir=False, long_docs="mean").transform(docs), atol=1e-6)
 
 
 def test_token_and_sentence_saes_are_not_interchangeable(store, tmp_path):
