@@ -131,7 +131,7 @@ class SAEIndex:
         """
         from saefeat.data import load_texts
         from saefeat.embed.vectorizers import get_embedder
-        from saefeat.engine.shards import iter_shards
+        from saefeat.engine.shards import read_embeddings
         from saefeat.engine.shards import read_manifest as read_shard_manifest
 
         folder = Path(folder)
@@ -146,16 +146,10 @@ class SAEIndex:
             raise SaefeatError(f"{folder}: its shards were computed with SAE {manifest.get('sae')}, but "
                                f"{config.sae} is now {embedder.sae.content_hash}")
         texts, ids = load_texts(manifest["input"], manifest["text_field"], manifest["id_field"], allow_empty=True)
-        parts, rows = [], []
-        for stats, positions, _ in iter_shards(folder):
-            parts.append(pool(stats, config.pooling, config.pool_k))
-            rows.append(positions)
-        order = np.concatenate(rows)
-        X = sp.vstack(parts, format="csr")
-        if not np.all(order[1:] > order[:-1]):
-            X, order = X[np.argsort(order)], np.sort(order)
-        if len(order) != len(texts):
-            raise SaefeatError(f"{folder}: {len(order)} rows, but {manifest['input']} now has {len(texts)}")
+        X, shard_ids = read_embeddings(folder, config.pooling, config.pool_k)  # pooled shard by shard, input order
+        if shard_ids != ids:
+            raise SaefeatError(f"{folder}: its {len(shard_ids)} rows are not the rows of {manifest['input']} now "
+                               f"({len(ids)} rows)")
         sae_spec = config.sae if config.sae == "default" else str(Path(config.sae).resolve())
         index = cls(embedder, sp.csc_matrix((0, embedder.d_sae), dtype=np.float32), [], [], pooling=config.pooling,
                     k=config.pool_k, sentence_model=sentence_model, sae_spec=sae_spec,
