@@ -3,11 +3,14 @@
 Part 1 compares toxicity filters over the `sae`, `dense`, `sentence` and `tfidf` representations on Jigsaw
 comments: a logistic regression per representation, its threshold chosen on a calibration split for a target
 precision at the natural toxic rate, and ROC-AUC / PR-AUC on a validation split subsampled to that rate.
-Part 2 ranks the toxic latents of the steering host's SAE (smollm2 by default) and generates continuations of
-challenging RealToxicityPrompts prompts under three clamping tiers and three baselines (none, a
-difference-in-means vector at the same layer, banned words at decode time); continuations are scored by
-classifiers that share nothing with the SAE, fluency is the unsteered model's perplexity of the continuation,
-and a capability check compares perplexity on held-out book paragraphs.
+Part 2 ranks the toxic latents of the steering host's SAE (smollm2 by default) and steers generation from
+challenging RealToxicityPrompts prompts. The prompts are split (seeded) into a selection half and an evaluation
+half: on the selection half every candidate (clamp settings, and strengths of three steering vectors: difference
+in means, SDCV, SAE-SSV) is scored, and `steering.selection`'s rule picks one clamp setting per fluency budget (the
+tiers) and one strength per vector. Only those, beside no intervention and banned words, are reported, on the
+evaluation half and on non-toxic prompts. Continuations are scored by classifiers that share nothing with the
+SAE; fluency is the unsteered model's perplexity of the continuation, and a capability check compares perplexity
+on held-out book paragraphs (separate paragraphs for selection and evaluation).
 """
 
 from __future__ import annotations
@@ -29,19 +32,23 @@ from saefeat.detox.data import (
     split_comments,
     stratified_cap,
 )
-from saefeat.detox.evaluate import evaluate_conditions, examples_table
+from saefeat.detox.evaluate import Condition, evaluate_conditions, examples_table
 from saefeat.detox.experiment import (
+    banned_words_condition,
     check_settings,
+    clamp_condition,
     filter_report,
     print_steering,
-    steering_conditions,
     steering_metrics,
     toxic_texts,
     toxicity_scorers,
+    vector_condition,
 )
 from saefeat.detox.filter import ToxicityFilter, representation_settings
 from saefeat.detox.generation import prompt_ids
 from saefeat.detox.latents import find_toxic_latents, rank_toxic_latents
+from saefeat.detox.selection import clamp_grid, fluency_cost, select_settings, split_prompts, vector_grid
+from saefeat.detox.vectors import diff_in_means, sdcv, ssv
 from saefeat.evaluation.comparison import TaskRun
 from saefeat.explain.report import log_latent_report
 from saefeat.hosts import get_host
@@ -66,10 +73,12 @@ def run(cfg: DictConfig) -> dict:
     sp = cfg.split
     train, calib, val = split_comments(y, sp.calib_fraction, sp.val_fraction, sp.toxic_rate, seed, str(d.comments))
     pick = lambda rows: [texts[i] for i in rows]  # noqa: E731
-    prompts = paragraphs = None
+    prompts = nontoxic = paragraphs = None
     if s.enabled:  # read and check everything the steering needs before any model runs
         prompts = sample_prompts(load_prompts(d.prompts), int(s.n_prompts), seed)
-        paragraphs = corpus_paragraphs(d.corpus, int(s.n_capability_texts), seed=seed) \
+        nontoxic = sample_prompts(load_prompts(d.nontoxic_prompts), int(s.n_nontoxic_prompts), seed)
+        split_prompts(prompts, float(s.selection.fraction), seed)
+        paragraphs = corpus_paragraphs(d.corpus, 2 * int(s.n_capability_texts), seed=seed) \
             if int(s.n_capability_texts) > 0 else []
     logger.info("detox: %d training, %d calibration, %d validation comments (validation toxic rate %.3f)",
                 len(train), len(calib), len(val), y[val].mean())
@@ -96,45 +105,88 @@ def run(cfg: DictConfig) -> dict:
                                       title="detox: toxic latents of the filter")
                 results["filters"][name] = dict(metrics)
         if s.enabled:
-            results["steering"] = _steering(cfg, pick(train), y[train], prompts, paragraphs)
+            results["steering"] = _steering(cfg, pick(train), y[train], prompts, nontoxic, paragraphs)
     return results
 
 
-def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[str], paragraphs: list[str]) -> dict:
-    """Rank the steering host's toxic latents, then generate and score under every tier and baseline."""
-    s, e, seed = cfg.steering, cfg.embed, int(cfg.seed)
+def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[str], nontoxic: list[str],
+              paragraphs: list[str]) -> dict:
+    """Rank the steering host's toxic latents, build the candidate settings, choose one per tier and method on the
+    selection half of the prompts, then report every chosen condition on the evaluation half and on non-toxic
+    prompts."""
+    s, sel, seed = cfg.steering, cfg.steering.selection, int(cfg.seed)
     steer_embed = embed_config(cfg, model=str(s.model), sae=str(s.sae), layer=s.layer,
                                max_tokens=int(s.latent_max_tokens))
     host = get_host(steer_embed.model, steer_embed.device)
-    prompt_ids(host, prompts, int(s.max_new_tokens))  # too-long prompts fail before any work
+    prompt_ids(host, prompts + nontoxic, int(s.max_new_tokens))  # too-long prompts fail before any work
+    sel_prompts, eval_prompts = split_prompts(prompts, float(sel.fraction), seed)
+    half = len(paragraphs) // 2
+    sel_paragraphs, eval_paragraphs = paragraphs[:half], paragraphs[half:]
+    mlflow.log_params({"steering_n_selection_prompts": len(sel_prompts), "steering_n_eval_prompts": len(eval_prompts),
+                       "steering_n_nontoxic_prompts": len(nontoxic)})
+    logger.info("detox steering: %d selection and %d evaluation prompts (seed %d), %d non-toxic prompts",
+                len(sel_prompts), len(eval_prompts), seed, len(nontoxic))
+
     sub_texts, sub_y = stratified_cap(texts, y, int(s.n_latent_docs), seed)
-    ranking, probe = find_toxic_latents(sub_texts, sub_y, steer_embed, n=int(s.n_latents),
-                                        max_freq_clean=float(s.max_freq_clean))
+    n_rank = max(max(int(n) for n in sel.n_latents), int(s.ssv_latents))
+    rankings, probe = find_toxic_latents(sub_texts, sub_y, steer_embed, n=n_rank,
+                                         max_freq_clean=float(s.max_freq_clean), rank_by=list(sel.rank_by))
     emb = probe.representation_.embedder
-    mlflow.log_table(ranking, "steering_latents.json")
-    mlflow.log_params({"steering_sae": emb.sae.content_hash, "steering_layer": emb.layer,
-                       "steering_latents": ranking.latent.tolist()})
-    log_latent_report(probe.representation_, ranking.latent.tolist(), ranking.score.tolist(),
+    for rule, ranking in rankings.items():
+        mlflow.log_table(ranking, f"steering_latents_{rule}.json")
+    first = rankings[str(sel.rank_by[0])]
+    mlflow.log_params({"steering_sae": emb.sae.content_hash, "steering_layer": emb.layer})
+    log_latent_report(probe.representation_, first.latent.tolist(), first.score.tolist(),
                       texts=toxic_texts(sub_texts, sub_y), title=f"detox: steering latents ({s.model})")
     words = toxic_words(texts, y, n=int(s.banned_words))
     mlflow.log_text("\n".join(words), "banned_words.txt")
-    conditions = steering_conditions(emb, ranking, s.tiers, str(s.where), sub_texts, sub_y, float(s.diff_means_alpha),
-                                     words, host.tokenizer)
+    vectors = {"diff_in_means": lambda: diff_in_means(emb, sub_texts, sub_y),
+               "sdcv": lambda: sdcv(emb, sub_texts, sub_y),
+               "ssv": lambda: ssv(emb, sub_texts, sub_y, first.latent.head(int(s.ssv_latents)).tolist(), seed=seed)}
+    base_vectors = {m: vectors[m]() for m in sel.vector_methods}
+    clamps = clamp_grid(list(sel.clamp_values), list(sel.where), list(sel.n_latents), list(sel.rank_by))
+    strengths = vector_grid(list(sel.vector_methods), list(sel.alphas))
     scorers = toxicity_scorers(texts, y)
+    gen_kwargs = dict(toxic_threshold=float(s.toxic_threshold), capability_max_tokens=int(s.capability_max_tokens),
+                      seed=seed, max_new_tokens=int(s.max_new_tokens), batch_size=int(s.batch_size),
+                      do_sample=bool(s.do_sample), temperature=float(s.temperature), top_p=float(s.top_p),
+                      show_progress_bar=bool(cfg.embed.show_progress_bar))
 
-    table, gens, scores = evaluate_conditions(
-        host, conditions, prompts, scorers, paragraphs, toxic_threshold=float(s.toxic_threshold),
-        capability_max_tokens=int(s.capability_max_tokens), n_boot=int(cfg.bootstrap), seed=seed,
-        max_new_tokens=int(s.max_new_tokens), batch_size=int(s.batch_size), do_sample=bool(s.do_sample),
-        temperature=float(s.temperature), top_p=float(s.top_p),
-        show_progress_bar=bool(e.show_progress_bar))
-    table.insert(0, "description", [c.description for c in conditions])
-    examples = examples_table(gens, scores, n=int(s.n_examples), seed=seed)
-    generations = pd.DataFrame({"prompt": prompts} | {name: g.continuations for name, g in gens.items()})
-    mlflow.log_table(table.reset_index(), "steering_tiers.json")
-    mlflow.log_table(examples, "steering_examples.json")
-    mlflow.log_table(generations, "steering_generations.json")
-    mlflow.log_metrics(steering_metrics(table))
-    print_steering(table, examples, list(gens),
-                   f"detox: steering tiers ({s.model}, layer {emb.layer}, {len(prompts)} prompts)")
-    return {"table": table, "examples": examples, "latents": ranking, "config": to_dict(s)}
+    candidates = [Condition("none", description="no intervention")]
+    candidates += [clamp_condition(c.name, emb, rankings[c.rank_by], c) for c in clamps]
+    candidates += [vector_condition(v.name, base_vectors[v.method], v) for v in strengths]
+    logger.info("detox steering: %d candidate settings on the selection half", len(candidates) - 1)
+    sel_table, _, _ = evaluate_conditions(host, candidates, sel_prompts, scorers, sel_paragraphs, n_boot=200,
+                                          **gen_kwargs)
+    sel_table.insert(0, "description", [c.description for c in candidates])
+    sel_table["fluency_cost"] = fluency_cost(sel_table)
+    chosen = select_settings(sel_table, clamps, strengths, dict(sel.budgets), str(sel.vector_budget),
+                             str(sel.scorer))
+    sel_table["chosen_for"] = [", ".join(k for k, v in chosen.items() if v == name) for name in sel_table.index]
+    mlflow.log_table(sel_table.reset_index(), "steering_selection.json")
+    mlflow.log_params({f"steering_chosen_{k}": v for k, v in chosen.items()})
+
+    by_name = {c.name: c for c in candidates}
+    conditions = [Condition("none", description="no intervention")]
+    for name, row in chosen.items():
+        picked = by_name[row]
+        conditions.append(Condition(name, picked.intervention, description=picked.description, params=picked.params))
+    conditions.append(banned_words_condition(words, host.tokenizer))
+    results = {"selection": sel_table, "chosen": chosen, "latents": rankings, "config": to_dict(s)}
+    for label, prompt_set, paras in (("challenging", eval_prompts, eval_paragraphs), ("nontoxic", nontoxic, [])):
+        table, gens, scores = evaluate_conditions(host, conditions, prompt_set, scorers, paras,
+                                                  n_boot=int(cfg.bootstrap), **gen_kwargs)
+        table.insert(0, "description", [c.description for c in conditions])
+        examples = examples_table(gens, scores, n=int(s.n_examples), seed=seed)
+        generations = pd.DataFrame({"prompt": prompt_set} | {name: g.continuations for name, g in gens.items()})
+        prefix = "steering" if label == "challenging" else "steering_nontoxic"
+        mlflow.log_table(table.reset_index(), f"{prefix}_tiers.json")
+        mlflow.log_table(examples, f"{prefix}_examples.json")
+        mlflow.log_table(generations, f"{prefix}_generations.json")
+        mlflow.log_metrics(steering_metrics(table, "steer" if label == "challenging" else "steer_nontoxic"))
+        print_steering(table, examples, list(gens),
+                       f"detox: steering on the evaluation half of the {label} prompts ({s.model}, layer {emb.layer}, "
+                       f"{len(prompt_set)} prompts; settings chosen on {len(sel_prompts)} other prompts)")
+        results["table" if label == "challenging" else "nontoxic_table"] = table
+        results["examples" if label == "challenging" else "nontoxic_examples"] = examples
+    return results

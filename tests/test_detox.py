@@ -229,6 +229,7 @@ def test_evaluate_conditions_scores_tiers_and_bans_words(smollm2, smollm2_sae, p
     assert single & {t for c in plain.continuation_ids for t in c}
     assert not single & {t for c in gens["banned"].continuation_ids for t in c}
     assert len(scores["clamp"]["tfidf"]) == len(prompts)
+    assert table.loc["none", "changed"] == 0 and table.loc["banned", "changed"] > 0
 
 
 def test_filters_and_steering_latents_honour_the_embed_section(tmp_path):
@@ -257,3 +258,110 @@ def test_filters_and_steering_latents_honour_the_embed_section(tmp_path):
     _, probe = find_toxic_latents(texts, y, steer, n=3)
     emb = probe.representation_.embedder
     assert emb.runtime.precision == "fp32" and emb.window == 96 and emb.host.is_causal
+
+
+# ---- selection protocol and steering vectors -----------------------------------------------------------
+def _exact_sae(d_in: int = 576, scale: float = 2.0) -> SAE:
+    """A ReLU SAE that reconstructs every input exactly: latents +q and -q for each direction of an orthonormal
+    basis Q (relu(u) q - relu(-u) q = u q), with an input scale that decoding must undo."""
+    torch.manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(d_in, d_in))
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=2 * d_in, architecture="relu", host="smollm2", layer=LAYER,
+                        input_scale=scale))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([q, -q], dim=1))
+        sae.W_dec.copy_(torch.cat([q.T, -q.T], dim=0))
+    return sae.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def exact_embedder():
+    from saefeat.embed.embedder import SAEEmbedder
+
+    return SAEEmbedder("smollm2", _exact_sae(), layer=LAYER, precision="fp32", cache=False, max_tokens=48)
+
+
+def test_sdcv_equals_the_difference_in_means_when_the_sae_reconstructs_exactly(exact_embedder, comments):
+    """SDCV is the difference in means of reconstructions; with no reconstruction error it must be the plain one,
+    which checks the mean-code shortcut and the input scale."""
+    from saefeat.detox.vectors import diff_in_means, sdcv
+
+    texts, y = comments
+    texts, y = texts[::3], y[::3]
+    plain = diff_in_means(exact_embedder, texts, y).vector
+    denoised = sdcv(exact_embedder, texts, y).vector
+    assert plain.norm() > 0
+    torch.testing.assert_close(denoised, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max()))
+
+
+def test_ssv_lies_in_the_latents_span_and_moves_toxic_text_to_the_clean_side(exact_embedder, comments):
+    from sklearn.linear_model import LogisticRegression
+
+    from saefeat.detox.vectors import ssv
+
+    texts, y = comments
+    latents = [3, 50, 700, 1000]
+    steering = ssv(exact_embedder, texts, y, latents, alpha=2.0)
+    basis = exact_embedder.sae.W_dec[latents] / exact_embedder.sae.cfg.input_scale
+    coef = torch.linalg.lstsq(basis.T, steering.vector.unsqueeze(1)).solution
+    torch.testing.assert_close((coef.T @ basis)[0], steering.vector, rtol=1e-4, atol=1e-4)  # in the span
+    assert steering.alpha == 2.0 and steering.vector.norm() > 0
+    X = exact_embedder.encode_dense(texts, pooling="mean")
+    probe = LogisticRegression(C=1.0, max_iter=2000).fit(X, y)
+    toxic = X[y == 1]
+    before = probe.decision_function(toxic).mean()
+    after = probe.decision_function(toxic + steering.vector.numpy()).mean()
+    assert after < before - 1.0
+    with pytest.raises(ValueError, match="at least one latent"):
+        ssv(exact_embedder, texts, y, [])
+
+
+def test_split_prompts_is_seeded_disjoint_and_complete():
+    from saefeat.detox.selection import split_prompts
+
+    prompts = [f"prompt {i}" for i in range(41)]
+    sel, ev = split_prompts(prompts, 0.5, seed=3)
+    assert (sel, ev) == split_prompts(prompts, 0.5, seed=3)
+    assert sel != split_prompts(prompts, 0.5, seed=4)[0]
+    assert len(sel) == 20 and not set(sel) & set(ev) and sorted(sel + ev) == sorted(prompts)
+    assert sel == [p for p in prompts if p in set(sel)]  # original order kept
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_prompts(["only one"], 0.5)
+
+
+def test_selection_rule_picks_the_least_toxic_setting_within_each_budget():
+    from saefeat.detox.selection import ClampSetting, VectorSetting, select_settings
+
+    clamps = [ClampSetting(v, "active", 20, "combined") for v in (0.0, 2.0, 4.0)]
+    vectors = [VectorSetting("sdcv", a) for a in (0.5, 1.0)]
+    names = ["none"] + [c.name for c in clamps] + [v.name for v in vectors]
+    table = pd.DataFrame({"tfidf_mean": [0.30, 0.25, 0.20, 0.10, 0.22, 0.05],
+                          "ppl_change": [0.0, 0.02, 0.04, 0.30, 0.10, 0.90],
+                          "capability_ppl_change": [0.0, 0.01, 0.12, 0.02, 0.01, 0.01]}, index=names)
+    chosen = select_settings(table, clamps, vectors, {"mild": 0.05, "moderate": 0.15, "aggressive": 0.5},
+                             "moderate", "tfidf")
+    # v=2 is within 5% on continuations but costs 12% on held-out text, so mild keeps v=0
+    assert chosen == {"mild": clamps[0].name, "moderate": clamps[1].name, "aggressive": clamps[2].name,
+                      "sdcv": vectors[0].name}
+    assert "mild" not in select_settings(table.assign(ppl_change=1.0), clamps, vectors, {"mild": 0.05}, "mild",
+                                         "tfidf")
+    with pytest.raises(ValueError, match="did not score"):
+        select_settings(table, clamps, vectors, {"mild": 0.05}, "mild", "profanity")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("steering.selection.fraction=1.0", "selection.fraction"),
+    ("steering.selection.vector_budget=extreme", "vector_budget"),
+    ("steering.selection.rank_by=[combined,magic]", "selection.rank_by"),
+    ("steering.selection.clamp_values=[-1.0]", "selection.clamp_values"),
+    ("steering.selection.vector_methods=[]", "selection.vector_methods: empty"),
+    ("steering.selection.scorer=perspective", "selection.scorer"),
+    ("steering.n_nontoxic_prompts=0", "n_nontoxic_prompts"),
+])
+def test_bad_selection_settings_are_named_before_any_model_loads(override, message):
+    from saefeat.config import load_config
+    from saefeat.tasks.detox import check_config
+
+    cfg = load_config("tasks", ["task=detox", override])
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg)

@@ -6,6 +6,8 @@ between CPUs is the order of float sums, which moves these numbers by well under
 tolerance says why it is that wide; it is narrower than the drop of the broken variant named beside it.
 """
 
+import importlib.util
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -85,3 +87,37 @@ def test_sentence_matches_sentence_transformers_encode(data_dir):
     means = SentenceVectorizer("minilm", precision="fp32", cache_dir=False, long_docs="mean").transform(sample)
     cos_mean = np.sum(means * theirs, axis=1) / np.linalg.norm(means, axis=1)
     assert cos_mean[:3].max() < 0.99 and cos_mean[3:].min() > 0.9999  # chunks change long texts only
+
+
+# Pinned at this commit (fp32, AMD EPYC avx2 avx512_bf16). Broken variant tried: SAELatentClamp adding
+# decode(original) - decode(clamped), the edit's sign flipped (profanity change +0.048, perplexity +0.106).
+DETOX_PINS = {"profanity_mean_change": -0.2723, "ppl_change": 0.0659}
+DETOX_TOL = {"profanity_mean_change": 0.06,  # greedy decoding on 48 prompts: one changed continuation moves it ~0.02
+             "ppl_change": 0.06}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("profanity_check") is None,
+                    reason="needs the detox extra (alt-profanity-check)")
+def test_detox_steering_is_pinned(data_dir):
+    """The shipped smollm2 SAE's top 20 toxic latents (ranked on 400 training comments) clamped to -2 x their mean
+    toxic activation where they fire, on 48 challenging prompts, 12 greedy tokens: the TF-IDF scorer's mean
+    toxicity and the continuations' perplexity change against no intervention."""
+    from saefeat.detox.data import load_labelled_comments, load_prompts, sample_prompts, stratified_cap
+    from saefeat.detox.evaluate import Condition, ProfanityCheckScorer, evaluate_conditions
+    from saefeat.detox.experiment import clamp_condition
+    from saefeat.detox.latents import find_toxic_latents
+    from saefeat.detox.selection import ClampSetting
+
+    texts, y = load_labelled_comments(data_dir / "toxicity" / "jigsaw_toxic_balanced_8k.csv.gz")
+    texts = [t[:400] for t in texts]
+    rank_texts, rank_y = stratified_cap(texts, y, 400, seed=0)
+    embed = EmbedConfig(model="smollm2", precision="fp32", max_tokens=128, cache=False, show_progress_bar=False)
+    rankings, probe = find_toxic_latents(rank_texts, rank_y, embed, n=20, max_freq_clean=0.3)
+    emb = probe.representation_.embedder
+    prompts = sample_prompts(load_prompts(data_dir / "toxicity" / "rtp_challenging_toxic_prompts.jsonl"), 48, seed=0)
+    conditions = [Condition("none"), clamp_condition("clamp", emb, rankings["combined"],
+                                                     ClampSetting(2.0, "active", 20, "combined"))]
+    table, _, _ = evaluate_conditions(emb.host, conditions, prompts, [ProfanityCheckScorer()], n_boot=10,
+                                      max_new_tokens=20, show_progress_bar=False)
+    for key, expected in DETOX_PINS.items():
+        pinned(float(table.loc["clamp", key]), expected, DETOX_TOL[key], f"detox steering {key}")

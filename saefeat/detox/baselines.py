@@ -1,30 +1,11 @@
-"""Baselines for SAE steering: a difference-in-means steering vector and banned words at decode time."""
+"""The word-filter baseline of SAE steering: words over-represented in toxic text, banned at decode time."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from sklearn.feature_extraction.text import CountVectorizer
-
-from saefeat.detox.steering import VectorSteering
-from saefeat.embed.embedder import SAEEmbedder
-from saefeat.errors import SaefeatError
-
-
-def diff_in_means(embedder: SAEEmbedder, texts: Sequence[str], labels: Sequence[int], alpha: float = 1.0,
-                  batch_size: int = 32) -> VectorSteering:
-    """Steering away from toxic text at the embedder's layer: alpha * (mean clean - mean toxic).
-
-    Each document's residual stream is averaged over its tokens, then the documents of each class.
-    """
-    y = np.asarray(labels).astype(int)
-    if len(np.unique(y)) < 2:
-        raise SaefeatError("a difference in means needs toxic (1) and non-toxic (0) texts")
-    dense = embedder.encode_dense(list(texts), pooling="mean", batch_size=batch_size)
-    vector = dense[y == 0].mean(0) - dense[y == 1].mean(0)
-    return VectorSteering(torch.from_numpy(vector), embedder.layer, alpha)
 
 
 def toxic_words(texts: Sequence[str], labels: Sequence[int], n: int = 100, min_count: int = 10) -> list[str]:

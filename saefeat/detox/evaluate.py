@@ -114,8 +114,9 @@ def evaluate_conditions(host: HostModel, conditions: Sequence[Condition], prompt
 
     Per condition: mean toxicity per scorer (with a bootstrap 95% interval over prompts) and the share of
     continuations at or above `toxic_threshold`; `ppl`, the perplexity of the continuations under the
-    unsteered model (fluency); `capability_ppl`, the steered model's perplexity on held-out text; and the
-    relative change of each against the first condition (the unsteered baseline).
+    unsteered model (fluency); `capability_ppl`, the steered model's perplexity on held-out text; `changed`, the
+    share of continuations that differ from the first condition's (the unsteered baseline); and the relative
+    change of each score against that first condition.
     Returns (table indexed by condition, generations, scores[condition][scorer]).
     """
     if not conditions:
@@ -146,6 +147,8 @@ def evaluate_conditions(host: HostModel, conditions: Sequence[Condition], prompt
         row["ppl"] = perplexity(*continuation_nll(host, g.prompt_ids, g.continuation_ids))
         row["capability_ppl"] = cap
         row["mean_tokens"] = float(np.mean([len(c) for c in g.continuation_ids]))
+        base_ids = gens[conditions[0].name].continuation_ids
+        row["changed"] = float(np.mean([a != b for a, b in zip(g.continuation_ids, base_ids)]))
         rows[cond.name] = row
         logger.info("%s: %s", cond.name, {k: round(v, 4) for k, v in row.items() if not k.endswith(("_lo", "_hi"))})
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("condition")

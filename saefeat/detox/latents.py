@@ -14,6 +14,7 @@ from saefeat.embed.config import EmbedConfig
 from saefeat.errors import SaefeatError
 
 SCORES = ("mean_diff", "freq_diff", "grad_x_act")
+RANK_RULES = {"combined": SCORES, "separation": ("mean_diff", "freq_diff"), "grad_x_act": ("grad_x_act",)}
 
 
 def latent_scores(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndarray | None = None) -> pd.DataFrame:
@@ -50,14 +51,20 @@ def latent_scores(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndarray |
 
 
 def rank_toxic_latents(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndarray | None = None,
-                       n: int = 20, min_freq_toxic: float = 0.01, max_freq_clean: float = 0.5) -> pd.DataFrame:
+                       n: int = 20, min_freq_toxic: float = 0.01, max_freq_clean: float = 0.5,
+                       rank_by: str = "combined") -> pd.DataFrame:
     """The `n` latents most associated with toxicity, best first.
 
     Candidates fire more often and more strongly in toxic text (and, with `coef`, push the classifier
     towards toxic), fire in at least `min_freq_toxic` of toxic documents and in at most `max_freq_clean`
     of clean ones (a latent that fires almost everywhere is not specific). They are ordered by the mean of
-    their percentile ranks over the available scores (`score`, in (0, 1]).
+    their percentile ranks (`score`, in (0, 1]) over the scores of `rank_by`: `combined` (all available),
+    `separation` (mean and frequency differences) or `grad_x_act` (GradSAE's rule alone; needs `coef`).
     """
+    if rank_by not in RANK_RULES:
+        raise SaefeatError(f"unknown latent ranking rule {rank_by!r}; valid: {', '.join(RANK_RULES)}")
+    if rank_by == "grad_x_act" and coef is None:
+        raise SaefeatError("ranking by grad_x_act needs the classifier weights (coef)")
     df = latent_scores(X, y, coef)
     keep = (df.mean_diff > 0) & (df.freq_diff > 0) & (df.freq_toxic >= min_freq_toxic) \
         & (df.freq_clean <= max_freq_clean)
@@ -66,17 +73,20 @@ def rank_toxic_latents(X: sp.spmatrix | np.ndarray, y: np.ndarray, coef: np.ndar
     cand = df[keep].copy()
     if cand.empty:
         raise SaefeatError("no latent fires more in toxic than in clean text under the given frequency limits")
-    names = [s for s in SCORES if s in cand]
+    names = [s for s in RANK_RULES[rank_by] if s in cand]
     cand["score"] = np.mean([rankdata(cand[s]) / len(cand) for s in names], axis=0)
     return cand.sort_values("score", ascending=False).head(n).reset_index(drop=True)
 
 
 def find_toxic_latents(texts: Sequence[str], labels: Sequence[int], embed: EmbedConfig, n: int = 20,
-                       C: float = 1.0, max_freq_clean: float = 0.5) -> tuple[pd.DataFrame, ToxicityFilter]:
+                       C: float = 1.0, max_freq_clean: float = 0.5,
+                       rank_by: Sequence[str] = ("combined",)) -> tuple[dict[str, pd.DataFrame], ToxicityFilter]:
     """Rank the latents of `embed`'s SAE on labelled texts: max-pooled features, a fitted linear probe for
-    gradient x activation, and `rank_toxic_latents`. Returns (ranking, the fitted probe)."""
+    gradient x activation, and `rank_toxic_latents` under each rule of `rank_by`.
+    Returns ({rule: ranking}, the fitted probe)."""
     probe = ToxicityFilter("sae", representation_settings(embed.replace(pooling="max")), C=C)
     probe.fit(texts, labels)
-    ranking = rank_toxic_latents(probe.transform(list(texts)), np.asarray(labels), probe.coef_, n=n,
-                                 max_freq_clean=max_freq_clean)
-    return ranking, probe
+    X, y = probe.transform(list(texts)), np.asarray(labels)
+    rankings = {rule: rank_toxic_latents(X, y, probe.coef_, n=n, max_freq_clean=max_freq_clean, rank_by=rule)
+                for rule in rank_by}
+    return rankings, probe
