@@ -217,33 +217,6 @@ def speed_corpus(n: int) -> tuple[list[str], list[str], int]:
     return texts[:n], ids[:n], min(n, len(data.doc_ids))
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # a file object: np.save would add ".npy" to a temporary name
-        np.save(fh, array)
-
-
-def cached_vectors(name: str, texts: list[str], encode, chunk: int = 5000) -> np.ndarray:
-    """`encode(texts)` in chunks, each kept in $SAEFEAT_CACHE/bench/ (a rerun or a resumed run skips them)."""
-    import hashlib
-
-    from saefeat.atomic import atomic_write
-    from saefeat.embed.cache import default_cache_dir
-
-    folder = default_cache_dir() / "bench"
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for start in range(0, len(texts), chunk):
-        part = texts[start:start + chunk]
-        key = hashlib.sha256("\x00".join([name, *part]).encode()).hexdigest()[:20]
-        path = folder / f"{name}-{key}.npy"
-        if not path.is_file():
-            console.print(f"  {name}: documents {start:,}-{start + len(part):,} of {len(texts):,}")
-            vectors = np.asarray(encode(part), dtype=np.float32)
-            atomic_write(path, lambda tmp, v=vectors: _save_npy(tmp, v))
-        parts.append(np.load(path))
-    return np.vstack(parts)
-
-
 def bench_speed(args) -> None:
     """Quality and latency of the task's index at each size and pooling, over real text (see `real_passages`)."""
     from saefeat.config import embed_config
@@ -270,23 +243,23 @@ def bench_speed(args) -> None:
             X[p].append(pool(stats, p, int(cfg.embed.pool_k)))
         console.print(f"  sae: {min(start + 5000, n_max):,} of {n_max:,} documents ({time.perf_counter() - t0:.0f} s)")
     X = {p: sp.vstack(v, format="csr") for p, v in X.items()}
-    D = cached_vectors(f"{args.speed_dense}-{cfg.baselines.sentence_model}", texts,
-                       lambda part: encode_dense_side(args.speed_dense, part, embedder, cfg.baselines.sentence_model,
-                                                      bs, True))
+    # the dense side's own cache (the embedder's for `dense`, the sentence model's for `sentence`) makes a rerun cheap
+    D = encode_dense_side(args.speed_dense, texts, embedder, cfg.baselines.sentence_model, bs, True)
     console.print(f"encoded in {time.perf_counter() - t0:.0f} s")
     data = load_beir(DATA / "retrieval" / "scifact", "train")
     qids, queries = list(data.queries), list(data.queries.values())
     # queries are encoded for real in the 'sae+encode' timing, never read from the cache
     fresh = get_embedder(embed_config(cfg, cache=False))
+    query_stats = embedder.encode_stats(queries, "sae", bs, False)
+    QD = encode_dense_side(args.speed_dense, queries, embedder, cfg.baselines.sentence_model, bs, False)
     rows = {}
     for pooling in poolings:
+        Q = pool(query_stats, pooling, int(cfg.embed.pool_k))
         for n in args.sizes:
             index = SAEIndex(fresh, sp.csc_matrix((0, embedder.d_sae)), [], [], pooling=pooling,
                              k=int(cfg.embed.pool_k), dense_kind=args.speed_dense,
                              sentence_model=cfg.baselines.sentence_model)
             index.add_vectors(X[pooling][:n], ids[:n], texts[:n], D[:n])
-            Q = pool(embedder.encode_stats(queries, "sae", bs, False), pooling, int(cfg.embed.pool_k))
-            QD = encode_dense_side(args.speed_dense, queries, embedder, cfg.baselines.sentence_model, bs, False)
             row: dict[str, float] = {"latents/doc": X[pooling][:n].nnz / n}
             lat: dict[str, list[float]] = {"sae": [], "hybrid": [], "dense": [], "sae+encode": []}
             for mode in ("sae", "hybrid"):

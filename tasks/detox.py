@@ -15,6 +15,7 @@ on held-out book paragraphs (separate paragraphs for selection and evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import mlflow
@@ -77,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
     if s.enabled:  # read and check everything the steering needs before any model runs
         prompts = sample_prompts(load_prompts(d.prompts), int(s.n_prompts), seed)
         nontoxic = sample_prompts(load_prompts(d.nontoxic_prompts), int(s.n_nontoxic_prompts), seed)
-        split_prompts(prompts, float(s.selection.fraction), seed)
+        prompts = split_prompts(prompts, float(s.selection.fraction), seed)  # (selection, evaluation)
         paragraphs = corpus_paragraphs(d.corpus, 2 * int(s.n_capability_texts), seed=seed) \
             if int(s.n_capability_texts) > 0 else []
     logger.info("detox: %d training, %d calibration, %d validation comments (validation toxic rate %.3f)",
@@ -109,8 +110,8 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[str], nontoxic: list[str],
-              paragraphs: list[str]) -> dict:
+def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: tuple[list[str], list[str]],
+              nontoxic: list[str], paragraphs: list[str]) -> dict:
     """Rank the steering host's toxic latents, build the candidate settings, choose one per tier and method on the
     selection half of the prompts, then report every chosen condition on the evaluation half and on non-toxic
     prompts."""
@@ -118,8 +119,8 @@ def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[st
     steer_embed = embed_config(cfg, model=str(s.model), sae=str(s.sae), layer=s.layer,
                                max_tokens=int(s.latent_max_tokens))
     host = get_host(steer_embed.model, steer_embed.device)
-    prompt_ids(host, prompts + nontoxic, int(s.max_new_tokens))  # too-long prompts fail before any work
-    sel_prompts, eval_prompts = split_prompts(prompts, float(sel.fraction), seed)
+    sel_prompts, eval_prompts = prompts
+    prompt_ids(host, sel_prompts + eval_prompts + nontoxic, int(s.max_new_tokens))  # too long: fail before any work
     half = len(paragraphs) // 2
     sel_paragraphs, eval_paragraphs = paragraphs[:half], paragraphs[half:]
     mlflow.log_params({"steering_n_selection_prompts": len(sel_prompts), "steering_n_eval_prompts": len(eval_prompts),
@@ -167,26 +168,24 @@ def _steering(cfg: DictConfig, texts: list[str], y: np.ndarray, prompts: list[st
     mlflow.log_params({f"steering_chosen_{k}": v for k, v in chosen.items()})
 
     by_name = {c.name: c for c in candidates}
-    conditions = [Condition("none", description="no intervention")]
-    for name, row in chosen.items():
-        picked = by_name[row]
-        conditions.append(Condition(name, picked.intervention, description=picked.description, params=picked.params))
+    conditions = [candidates[0]] + [dataclasses.replace(by_name[row], name=name) for name, row in chosen.items()]
     conditions.append(banned_words_condition(words, host.tokenizer))
     results = {"selection": sel_table, "chosen": chosen, "latents": rankings, "config": to_dict(s)}
-    for label, prompt_set, paras in (("challenging", eval_prompts, eval_paragraphs), ("nontoxic", nontoxic, [])):
+    # (label, prompts, capability paragraphs, artifact prefix, metric prefix, results key prefix)
+    sets = (("the evaluation half of the challenging prompts", eval_prompts, eval_paragraphs, "steering", "steer", ""),
+            ("non-toxic prompts", nontoxic, [], "steering_nontoxic", "steer_nontoxic", "nontoxic_"))
+    for label, prompt_set, paras, artifact, metric, key in sets:
         table, gens, scores = evaluate_conditions(host, conditions, prompt_set, scorers, paras,
                                                   n_boot=int(cfg.bootstrap), **gen_kwargs)
         table.insert(0, "description", [c.description for c in conditions])
         examples = examples_table(gens, scores, n=int(s.n_examples), seed=seed)
         generations = pd.DataFrame({"prompt": prompt_set} | {name: g.continuations for name, g in gens.items()})
-        prefix = "steering" if label == "challenging" else "steering_nontoxic"
-        mlflow.log_table(table.reset_index(), f"{prefix}_tiers.json")
-        mlflow.log_table(examples, f"{prefix}_examples.json")
-        mlflow.log_table(generations, f"{prefix}_generations.json")
-        mlflow.log_metrics(steering_metrics(table, "steer" if label == "challenging" else "steer_nontoxic"))
+        mlflow.log_table(table.reset_index(), f"{artifact}_tiers.json")
+        mlflow.log_table(examples, f"{artifact}_examples.json")
+        mlflow.log_table(generations, f"{artifact}_generations.json")
+        mlflow.log_metrics(steering_metrics(table, metric))
         print_steering(table, examples, list(gens),
-                       f"detox: steering on the evaluation half of the {label} prompts ({s.model}, layer {emb.layer}, "
+                       f"detox: steering on {label} ({s.model}, layer {emb.layer}, "
                        f"{len(prompt_set)} prompts; settings chosen on {len(sel_prompts)} other prompts)")
-        results["table" if label == "challenging" else "nontoxic_table"] = table
-        results["examples" if label == "challenging" else "nontoxic_examples"] = examples
+        results[f"{key}table"], results[f"{key}examples"] = table, examples
     return results
