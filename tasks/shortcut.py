@@ -48,7 +48,12 @@ logger = logging.getLogger(__name__)
 def check_config(cfg: DictConfig) -> None:
     """Every choice of the config is checked before data or models are loaded."""
     check_settings(list(cfg.methods), list(cfg.representations), cfg.mode, cfg.masking, cfg.select.data,
-                   list(cfg.dbr.lambdas))
+                   lambda_grid(cfg))
+
+
+def lambda_grid(cfg: DictConfig) -> list[float]:
+    """The λ values of the mode in use: `dbr.lambdas` for heads, `finetune.lambdas` for fine-tuning."""
+    return [float(v) for v in (cfg.finetune.lambdas if cfg.mode == "finetune" else cfg.dbr.lambdas)]
 
 
 def run(cfg: DictConfig) -> dict:
@@ -61,8 +66,9 @@ def run(cfg: DictConfig) -> dict:
     classes, (texts, y) = bench.classes, bench.parts()
     methods, reps = list(cfg.methods), list(cfg.representations)
     s = cfg.select
+    refit = cfg.mode == "head" or bool(cfg.finetune.refit)
     selection = {"select_on": str(s.data), "train_slice": float(s.train_slice), "tolerance": float(s.tolerance),
-                 "lambdas": [float(v) for v in cfg.dbr.lambdas], "seed": seed}
+                 "lambdas": lambda_grid(cfg), "refit": refit, "seed": seed}
     logger.info("shortcut/%s: %d training texts, in-domain %d, out-of-domain %s", bench.name, len(bench.train),
                 len(bench.in_domain), {k: len(v) for k, v in bench.ood.items()})
     results: dict[str, dict[str, float]] = {}
@@ -114,8 +120,10 @@ def run(cfg: DictConfig) -> dict:
                                       epochs=int(h.epochs), lr=float(h.lr), seed=seed)
             else:
                 f = cfg.finetune
+                rr = f.reliance_rows
                 trainer = FineTuneTrainer(
-                    texts, masked_texts, model=cfg.embed.model, representation=rep_name, sae=str(cfg.embed.sae),
+                    texts, masked_texts, reliance_rows=None if rr is None else int(rr), model=cfg.embed.model,
+                    representation=rep_name, sae=str(cfg.embed.sae),
                     layer=cfg.embed.layer, lr=float(f.lr), head_lr=float(f.head_lr), epochs=int(f.epochs),
                     batch_size=int(f.batch_size), max_tokens=int(f.max_tokens), max_steps=f.max_steps,
                     device=cfg.embed.device, seed=seed, show_progress_bar=bool(cfg.embed.show_progress_bar))
@@ -128,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
                     t_m = time.time()
                 fitted = erm if method == "erm" else select_and_fit(trainer, y, method, erm_choice, **selection)
                 child = f"{method}/{rep_name}"
-                with task.child(rep_name, {"mode": cfg.mode, "masking": cfg.masking, **fitted.params},
+                with task.child(rep_name, {"mode": cfg.mode, "masking": cfg.masking, "refit": refit, **fitted.params},
                                 method=method) as metrics:
                     metrics.update(evaluate(trainer, fitted, y, list(bench.ood), masks, n_boot, seed))
                     # fit_seconds: selection and fit; embed_seconds: this representation's features (shared)

@@ -351,8 +351,17 @@ def test_select_and_fit_chooses_on_in_domain_data_and_refits_on_all_rows(data_di
     strict = select_and_fit(trainer, y, "dbr_x", (choice[0], 2.0), lambdas=[1.0, 100.0], tolerance=0.0)
     assert strict.params["lambda"] == strict.selection["lambda"][strict.selection.select_accuracy.idxmax()]
     trainer.fits.clear()
+    kept = select_and_fit(trainer, y, "dbr_x", choice, lambdas=[1.0, 100.0], tolerance=1.0, refit=False)
+    assert len(trainer.fits) == 2 and all(np.intersect1d(r, held).size == 0 for r in trainer.fits)  # no refit
+    assert kept.params["lambda"] == 100.0
+    np.testing.assert_array_equal(trainer.predict(kept.model, "in_domain"),  # the λ=100 candidate itself
+                                  trainer.predict(trainer.fit(trainer.fits[1], y["train"], 100.0, choice[0], "dbr_x"),
+                                                  "in_domain"))
+    trainer.fits.clear()
     select_and_fit(trainer, y, select_on="dev")
     assert all(len(r) == len(y["train"]) for r in trainer.fits)  # nothing held out when dev data selects
+    with pytest.raises(ValueError, match="refit"):
+        select_and_fit(trainer, y, select_on="dev", refit=False)
     with pytest.raises(ValueError, match="erm_choice"):
         select_and_fit(trainer, y, "dbr_x")
     report = evaluate(trainer, loose, y, ["counterfactual"], ["dbr_x"], n_boot=20)

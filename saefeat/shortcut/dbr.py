@@ -5,7 +5,8 @@ prediction made without the shortcut, taking the model's reliance on the shortcu
 copies) is plain ERM.
 
 - `DBRClassifier` (mode `head`): a classifier head on frozen features of x and x̃ (SAE or dense). CPU-fast.
-- `DBRFineTuner` (mode `finetune`): the host encoder, read at the SAE's layer, with a head; for a GPU.
+- `DBRFineTuner` (mode `finetune`): the host encoder, read at the SAE's layer, with a head; minilm fine-tunes on
+  2 CPU cores (about 1 s per step of 16 texts x 128 tokens), and on CUDA when present.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Data parts are named `train`, `in_domain` and `ood:<name>`, the same keys in the
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -165,14 +166,22 @@ class HeadTrainer:
 
 
 class FineTuneTrainer:
-    """Mode `finetune`: the host encoder and a head, fine-tuned on texts and their masked copies (a GPU job).
+    """Mode `finetune`: the host encoder and a head, fine-tuned on texts and their masked copies (CPU or CUDA).
 
-    `settings` are DBRFineTuner's arguments except `lam`; L2 is not searched (weight decay 0).
+    `settings` are DBRFineTuner's arguments except `lam`; L2 is not searched (weight decay 0). Reliance is
+    measured on a seeded sample of `reliance_rows` training texts (all when None): each is a forward pass.
     """
 
-    def __init__(self, texts: dict[str, list[str]], masked: dict[str, list[str]], **settings: Any):
+    def __init__(self, texts: dict[str, list[str]], masked: dict[str, list[str]], reliance_rows: int | None = 400,
+                 **settings: Any):
         self.texts, self.masked, self.settings = texts, masked, settings
         self.weight_decays = [0.0]
+        n = len(texts["train"])
+        rows = np.arange(n)
+        if reliance_rows is not None and reliance_rows < n:
+            rows = np.sort(np.random.default_rng(settings.get("seed", 0)).choice(n, reliance_rows, replace=False))
+        self.reliance_rows = rows
+        self._train_proba: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # p(x) on those rows, per model
 
     def fit(self, rows: np.ndarray, y: np.ndarray, lam: float, weight_decay: float,
             method: str | None) -> DBRFineTuner:
@@ -185,8 +194,11 @@ class FineTuneTrainer:
         return model.predict(t)
 
     def reliance(self, model: DBRFineTuner, method: str) -> float:
-        p = np.log(np.clip(model.predict_proba(self.texts["train"]), 1e-12, 1))
-        q = np.log(np.clip(model.predict_proba(self.masked[method]), 1e-12, 1))
+        rows = self.reliance_rows
+        if model not in self._train_proba:
+            self._train_proba[model] = model.predict_proba([self.texts["train"][i] for i in rows])
+        p = np.log(np.clip(self._train_proba[model], 1e-12, 1))
+        q = np.log(np.clip(model.predict_proba([self.masked[method][i] for i in rows]), 1e-12, 1))
         return float(jsd_from_log_probs(torch.as_tensor(p), torch.as_tensor(q)).mean())
 
 
@@ -205,8 +217,9 @@ class Fitted:
 def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | None = None,
                    erm_choice: tuple[float, float] | None = None, *, select_on: str = "both",
                    train_slice: float = 0.2, lambdas: Sequence[float] = (1.0,), tolerance: float = 0.01,
-                   seed: int = 0) -> Fitted:
-    """Choose on in-domain selection data, then refit on all training rows.
+                   refit: bool = True, seed: int = 0) -> Fitted:
+    """Choose on in-domain selection data, then refit on all training rows (`refit`; else the chosen candidate,
+    fitted without the held-out slice, is the model: one fit fewer per method, which fine-tuning needs on a CPU).
 
     ERM (`method` None) takes the weight decay of `trainer.weight_decays` with the best selection accuracy;
     DBR keeps ERM's weight decay and takes the largest λ of `lambdas` whose accuracy is within `tolerance` of
@@ -225,21 +238,29 @@ def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | Non
             preds["slice"], targets["slice"] = trainer.predict(model, "train", held), y["train"][held]
         return selection_accuracy(lambda p: preds[p], targets, list(preds))
 
+    if not refit and not len(held):
+        raise SaefeatError("select.data=dev with refit off would train on every row twice over; keep refit on")
+    candidates: dict[float, Any] = {}
+
+    def tried(value: float, lam: float, wd: float) -> float:
+        candidates[value] = trainer.fit(fit_rows, y["train"], lam, wd, method)
+        return score(candidates[value])
+
     if method is None:
-        scores = {wd: score(trainer.fit(fit_rows, y["train"], 0.0, wd, None)) for wd in trainer.weight_decays}
+        scores = {wd: tried(wd, 0.0, wd) for wd in trainer.weight_decays}
         sel = choose_best(scores)
-        params = {"weight_decay": sel.value, "lambda": 0.0, "select_accuracy": sel.scores[sel.value]}
-        final = trainer.fit(np.arange(n), y["train"], 0.0, sel.value, None)
+        wd, lam = sel.value, 0.0
         table = pd.DataFrame({"weight_decay": list(scores), "select_accuracy": list(scores.values())})
     else:
         if erm_choice is None:
             raise SaefeatError("DBR's λ is chosen against ERM: pass erm_choice=(weight decay, selection accuracy)")
         wd, reference = erm_choice
-        scores = {float(lam): score(trainer.fit(fit_rows, y["train"], float(lam), wd, method)) for lam in lambdas}
+        scores = {float(v): tried(float(v), float(v), wd) for v in lambdas}
         sel = choose_largest_within(scores, reference, tolerance)
-        params = {"weight_decay": wd, "lambda": sel.value, "select_accuracy": sel.scores[sel.value]}
-        final = trainer.fit(np.arange(n), y["train"], sel.value, wd, method)
+        lam = sel.value
         table = pd.DataFrame({"lambda": list(scores), "select_accuracy": list(scores.values())})
+    params = {"weight_decay": wd, "lambda": lam, "select_accuracy": sel.scores[sel.value]}
+    final = trainer.fit(np.arange(n), y["train"], lam, wd, method) if refit else candidates[sel.value]
     return Fitted(final, params, table)
 
 
