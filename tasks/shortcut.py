@@ -24,6 +24,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from saefeat.config import baseline_config, embed_config
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun
 from saefeat.explain.report import latent_report
 from saefeat.representations import make_representation
@@ -49,6 +50,9 @@ def check_config(cfg: DictConfig) -> None:
     """Every choice of the config is checked before data or models are loaded."""
     check_settings(list(cfg.methods), list(cfg.representations), cfg.mode, cfg.masking, cfg.select.data,
                    lambda_grid(cfg))
+    rr = cfg.finetune.reliance_rows
+    if rr is not None and int(rr) < 1:
+        raise SaefeatError(f"finetune.reliance_rows must be a positive number of texts or null (all), got {rr}")
 
 
 def lambda_grid(cfg: DictConfig) -> list[float]:

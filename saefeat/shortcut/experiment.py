@@ -220,6 +220,7 @@ def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | Non
                    refit: bool = True, seed: int = 0) -> Fitted:
     """Choose on in-domain selection data, then refit on all training rows (`refit`; else the chosen candidate,
     fitted without the held-out slice, is the model: one fit fewer per method, which fine-tuning needs on a CPU).
+    When nothing is held out (`select_on="dev"`) the candidates were fitted on every row and none is refitted.
 
     ERM (`method` None) takes the weight decay of `trainer.weight_decays` with the best selection accuracy;
     DBR keeps ERM's weight decay and takes the largest λ of `lambdas` whose accuracy is within `tolerance` of
@@ -238,8 +239,6 @@ def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | Non
             preds["slice"], targets["slice"] = trainer.predict(model, "train", held), y["train"][held]
         return selection_accuracy(lambda p: preds[p], targets, list(preds))
 
-    if not refit and not len(held):
-        raise SaefeatError("select.data=dev with refit off would train on every row twice over; keep refit on")
     candidates: dict[float, Any] = {}
 
     def tried(value: float, lam: float, wd: float) -> float:
@@ -260,6 +259,8 @@ def select_and_fit(trainer: Trainer, y: dict[str, np.ndarray], method: str | Non
         lam = sel.value
         table = pd.DataFrame({"lambda": list(scores), "select_accuracy": list(scores.values())})
     params = {"weight_decay": wd, "lambda": lam, "select_accuracy": sel.scores[sel.value]}
+    # with nothing held out, the candidate was already fitted on every row: a refit would repeat that fit
+    refit = refit and len(held) > 0
     final = trainer.fit(np.arange(n), y["train"], lam, wd, method) if refit else candidates[sel.value]
     return Fitted(final, params, table)
 
