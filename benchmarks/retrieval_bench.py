@@ -131,7 +131,7 @@ def bench_property(args) -> None:
                 rng = np.random.default_rng(1000 * draw + len(prop_name))
                 ex = rng.choice(pos_rows, args.n_examples, replace=False)
                 keep = np.setdiff1d(np.arange(len(texts)), ex)
-                prop = index.property(index.vectors[ex], n_latents=args.n_latents)
+                prop = index.property(index.vectors[ex], n_latents=args.n_latents, method=args.property_method)
                 scores = {"sae": index.property_scores(prop)}
                 for rep, V in vectors.items():
                     scores[rep] = V @ normalize(V[ex].mean(0, keepdims=True))[0]
@@ -148,7 +148,8 @@ def bench_property(args) -> None:
                    "SAE latents"]]
     table.loc["mean"] = table.mean()
     show(table, f"Property retrieval from {args.n_examples} positive examples, mean over {args.draws} draws "
-                f"({args.pooling} pooling, up to {args.n_latents} latents)")
+                f"({args.pooling} pooling, {args.property_method} property"
+                + (f", up to {args.n_latents} latents)" if args.property_method == "latents" else ")"))
     gap = (table.loc["mean", "AP sae"] - table.loc["mean", "AP dense"]) * 100
     gap_s = (table.loc["mean", "AP sae"] - table.loc["mean", "AP sentence"]) * 100
     console.print(f"SAE - dense centroid AP: {gap:+.1f} points; SAE - sentence centroid AP: {gap_s:+.1f} points "
@@ -310,7 +311,8 @@ def main() -> None:
     p.add_argument("--pooling", default="max", help="pooling of the indexed SAE vectors (scifact and property)")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--n-examples", type=int, default=10)
-    p.add_argument("--n-latents", type=int, default=16)
+    p.add_argument("--n-latents", type=int, default=16, help="latents of a `latents` property")
+    p.add_argument("--property-method", default="classifier", choices=["classifier", "latents"])
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--n-encode", type=int, default=50)
     p.add_argument("--speed-poolings", default="max,topk,log1p_topk", help="speed: poolings of the timed indexes")

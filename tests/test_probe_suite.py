@@ -13,6 +13,7 @@ from saefeat.embed.vectorizers import get_embedder
 from saefeat.evaluation.metrics import roc_auc
 from saefeat.evaluation.probes import (
     BASELINES,
+    LEXICAL,
     Side,
     core_probe,
     paired_gaps,
@@ -20,6 +21,7 @@ from saefeat.evaluation.probes import (
     retrieval_probe,
     toxicity_probe,
 )
+from saefeat.retrieval.evaluation import BM25, per_query_scores, to_run
 from saefeat.retrieval.index import SAEIndex
 from tests.helpers import random_sae
 
@@ -115,10 +117,15 @@ def test_retrieval_probe_ndcg_equals_a_direct_computation(shared):
     m = result.metrics
     assert 0 < m["sae"]["ndcg_at_10"] <= 1
     assert m["sae"]["ndcg_at_10"] == pytest.approx(np.mean(ndcg), abs=1e-4)
-    assert set(m) == {"sae", *BASELINES} and 0 < m["sae"]["hybrid_ndcg_at_10"] <= 1
+    assert set(m) == {"sae", *BASELINES, LEXICAL} and 0 < m["sae"]["hybrid_ndcg_at_10"] <= 1
     assert result.gaps["dense"]["ndcg_at_10"] == pytest.approx(m["sae"]["ndcg_at_10"] - m["dense"]["ndcg_at_10"])
     rows = result.rows("scifact")
     assert rows["scifact: hybrid_ndcg_at_10"]["sentence"] == m["sentence"]["ndcg_at_10"]
+    bm25_rows, bm25_scores = BM25().fit(beir.texts).search(list(beir.queries.values()), 100)
+    bm25 = per_query_scores(beir.qrels, to_run(list(beir.queries), beir.doc_ids, bm25_rows, bm25_scores))
+    assert m[LEXICAL]["ndcg_at_10"] == pytest.approx(np.mean(bm25["ndcg_at_10"]), abs=1e-9)
+    assert rows["scifact: hybrid_ndcg_at_10"]["sae-bm25"] == pytest.approx(
+        m["sae"]["hybrid_ndcg_at_10"] - m[LEXICAL]["ndcg_at_10"])
 
 
 def test_sentiment_and_property_probes_give_sensible_values(shared):

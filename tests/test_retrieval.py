@@ -10,6 +10,7 @@ import shutil
 import mlflow
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from saefeat.cli import app
@@ -80,7 +81,7 @@ def _same(a: SAEIndex, b: SAEIndex) -> None:
 
 def test_planted_phrase_is_found_by_a_property_of_examples(index, scifact, corpus):
     positives = [_plant(_short(r)) for r in scifact[N_DOCS:N_DOCS + 5]]  # not in the index
-    prop = index.property(positives)
+    prop = index.property(positives, method="latents")
     assert len(prop) > 0
     hits = index.search_property(prop, k=5)
     assert hits[0].doc_id == corpus[0][TARGET]
@@ -92,8 +93,40 @@ def test_planted_phrase_is_found_by_a_property_of_examples(index, scifact, corpu
     start = next(i for i in range(len(toks.token_ids)) if toks.token_ids[i:i + len(phrase_ids)] == phrase_ids)
     assert start <= int(np.argmax(col)) < start + len(phrase_ids)
     # concept filtering: excluded latents never enter the property nor the explanations
-    filtered = index.search_property(positives, k=5, exclude_latents=prop.latents[:3])
+    filtered = index.search_property(positives, k=5, exclude_latents=prop.latents[:3], method="latents")
     assert not set(prop.latents[:3].tolist()) & {j for h in filtered for j, _ in h.latents}
+
+
+def test_classifier_property_is_a_balanced_logistic_regression_against_the_corpus(index, scifact, corpus):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
+
+    positives = [_plant(_short(r)) for r in scifact[N_DOCS:N_DOCS + 5]]
+    prop = index.property(positives)  # the default method
+    assert prop.norm_idf is not None
+    hits = index.search_property(prop, k=5)
+    assert hits[0].doc_id == corpus[0][TARGET]
+    # the same scores as scikit-learn's classifier of the examples against the 200 indexed abstracts
+    P = index.encode(positives)
+    X = normalize(sp.vstack([P, index.vectors]) @ sp.diags(index.idf))
+    y = np.r_[np.ones(len(positives)), np.zeros(len(index))]
+    direct = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(X, y).decision_function(X)
+    np.testing.assert_allclose(index.property_scores(prop), direct[len(positives):], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(prop.score(index.vectors), direct[len(positives):], rtol=1e-4, atol=1e-5)
+    # examples taken from the corpus are not also read as background: the planted document as its own example
+    own = index.property(index.vectors[[TARGET]])
+    rest = np.r_[TARGET, np.setdiff1d(np.arange(len(index)), [TARGET])]
+    Xo = normalize(index.vectors[rest] @ sp.diags(index.idf))
+    yo = np.r_[1.0, np.zeros(len(index) - 1)]
+    direct_own = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(Xo, yo).decision_function(Xo)
+    np.testing.assert_allclose(index.property_scores(own)[rest], direct_own, rtol=1e-4, atol=1e-5)
+    # concept filtering: excluded latents get no weight and explain no hit
+    top = prop.latents[np.argsort(-prop.weights)[:3]]
+    filtered = index.search_property(positives, k=5, exclude_latents=top)
+    assert not set(top.tolist()) & {j for h in filtered for j, _ in h.latents}
+    assert not set(top.tolist()) & set(index.property(positives, exclude_latents=top).latents.tolist())
+    with pytest.raises(Exception, match="unknown property method 'centroid'"):
+        index.property(positives, method="centroid")
 
 
 def test_ordinary_search_finds_a_document_by_its_own_sentence(index, corpus):

@@ -165,7 +165,8 @@ def run_probe(name: str, cfg: DictConfig, data: dict[str, Any], sides: list[Side
         corpora = {"jigsaw": (c["texts"], c["subtypes"]),
                    "cad": (cad_texts, {label: cad_y == i for i, label in enumerate(s["classes"])})}
         return property_probe(corpora, sides, n_examples=int(p.n_examples), draws=int(p.draws),
-                              n_latents=int(p.n_latents), n_boot=n_boot, seed=seed, show_progress_bar=bar)
+                              n_latents=int(p.n_latents), method=str(p.method), C=float(p.C), n_boot=n_boot,
+                              seed=seed, show_progress_bar=bar)
     if name == "earnings":
         e, d = cfg.earnings, data["calls"]
         return earnings_probe(d["texts"], d["y"], d["dates"], sides, classifiers=list(e.classifiers),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -96,12 +97,14 @@ def run_search(path: str | Path, overrides: Sequence[str], console: Console | No
         title = f"{path}: top {len(hits)} for the description {str(cfg.description)!r}"
     elif positives is not None:
         prop = index.property(positives, negatives, n_latents=int(cfg.n_latents), min_support=float(cfg.min_support),
-                              exclude_latents=exclude)
+                              exclude_latents=exclude, method=str(cfg.property_method), C=float(cfg.C))
         if len(prop) == 0:
             raise SaefeatError(f"no latent separates the {len(positives)} examples from the corpus; add examples or "
                              f"lower min_support (now {cfg.min_support})")
-        latents = ", ".join(f"{j} ({w:.1f})" for j, w in zip(prop.latents.tolist(), prop.weights.tolist()))
-        console.print(f"property from {len(positives)} examples: latents (log-odds) {latents}")
+        top = np.argsort(-prop.weights, kind="stable")[:int(cfg.n_latents)]
+        latents = ", ".join(f"{prop.latents[i]} ({prop.weights[i]:.2f})" for i in top)
+        what = "classifier weights, largest" if prop.norm_idf is not None else "log-odds"
+        console.print(f"property from {len(positives)} examples ({cfg.property_method}): latents ({what}) {latents}")
         hits = index.search_property(prop, k=int(cfg.k), explain=int(cfg.explain))
         title = f"{path}: top {len(hits)} by property"
     else:

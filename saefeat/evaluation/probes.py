@@ -34,7 +34,7 @@ from saefeat.evaluation.metrics import average_precision, bootstrap, roc_auc
 from saefeat.evaluation.model_selection import fit_search
 from saefeat.representations import make_representation
 from saefeat.retrieval.dense import DenseRetriever, normalize
-from saefeat.retrieval.evaluation import BeirData, per_query_scores, retrieval_report, to_run
+from saefeat.retrieval.evaluation import BM25, BeirData, per_query_scores, retrieval_report, to_run
 from saefeat.retrieval.index import SAEIndex
 from saefeat.retrieval.retrievers import make_retriever
 from saefeat.sae.metrics import activation_metrics, ce_recovered
@@ -43,7 +43,8 @@ from saefeat.shortcut.selection import accuracy_report
 logger = logging.getLogger(__name__)
 
 BASELINES = ("dense", "dense_last", "sentence")
-SIDES = ("sae", *BASELINES)
+LEXICAL = "bm25"  # SciFact's lexical anchor: a column of the retrieval rows only
+SIDES = ("sae", *BASELINES, LEXICAL)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
                     show_progress_bar: bool | None = None) -> ProbeResult:
     """nDCG@10 and Recall@100 of each side over the judged queries of `data`: `sae` is the SAE index (idf-weighted
     cosine), `hybrid_*` the index fused with its `hybrid_dense` side (weight `alpha` on the SAE), the baselines the
-    cosine of their vectors."""
+    cosine of their vectors, and BM25 (`bm25`) the lexical anchor."""
     by_name = {s.name: s for s in sides}
     sae = by_name["sae"]
     if sae.representation != "sae":
@@ -198,7 +199,8 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
                            sentence_model=sae.baselines.sentence_model, show_progress_bar=show_progress_bar)
     qids, queries = list(data.queries), list(data.queries.values())
     e = sae.embed
-    retrievers = {"sae": make_retriever("sae", index), "hybrid": make_retriever("hybrid", index, alpha)}
+    retrievers = {"sae": make_retriever("sae", index), "hybrid": make_retriever("hybrid", index, alpha),
+                  LEXICAL: make_retriever(LEXICAL, index)}
     for side in sides[1:]:
         if side.representation == "sentence":
             retrievers[side.name] = make_retriever("sentence", index, alpha, side.baselines.sentence_model,
@@ -225,9 +227,9 @@ def _retrieval_result(per_query: dict[str, dict[str, np.ndarray]], n_boot: int, 
     mean = lambda _, a: float(np.mean(a))  # noqa: E731
     gaps: dict[str, dict[str, float]] = {}
     for key, sae_side in (("ndcg_at_10", "sae"), ("hybrid_ndcg_at_10", "hybrid")):
-        values = {"sae": per_query[sae_side]["ndcg_at_10"]} | {b: per_query[b]["ndcg_at_10"] for b in BASELINES
+        values = {"sae": per_query[sae_side]["ndcg_at_10"]} | {b: per_query[b]["ndcg_at_10"] for b in SIDES[1:]
                                                                 if b in per_query}
-        _merge(gaps, paired_gaps(mean, zeros, values, key, n_boot, seed))
+        _merge(gaps, paired_gaps(mean, zeros, values, key, n_boot, seed, SIDES[1:]))
     return ProbeResult(metrics, gaps, ("ndcg_at_10", "hybrid_ndcg_at_10"), {"hybrid_ndcg_at_10": "ndcg_at_10"},
                        extra=extra)
 
@@ -250,6 +252,8 @@ def _vector_retrieval_probe(data: BeirData, sides: Sequence[Side], alpha: float,
         rows = np.argsort(-S, axis=1)[:, :depth]
         per_query[name] = per_query_scores(data.qrels, to_run(qids, list(ids), list(rows),
                                                               [S[i, r] for i, r in enumerate(rows)]))
+    rows, bm25_scores = BM25().fit(list(data.texts)).search(queries, depth)
+    per_query[LEXICAL] = per_query_scores(data.qrels, to_run(qids, list(ids), list(rows), list(bm25_scores)))
     return _retrieval_result(per_query, n_boot, seed, {"n_queries": len(qids), "n_docs": len(ids)})
 
 
@@ -269,15 +273,20 @@ def _dense_unit(x) -> np.ndarray:
 
 
 def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.ndarray]]], sides: Sequence[Side], *,
-                   n_examples: int = 10, draws: int = 3, n_latents: int = 16, n_boot: int = 1000,
-                   seed: int = 0, show_progress_bar: bool | None = None) -> ProbeResult:
+                   n_examples: int = 10, draws: int = 3, n_latents: int = 16, method: str = "classifier",
+                   C: float = 0.1, n_boot: int = 1000, seed: int = 0,
+                   show_progress_bar: bool | None = None) -> ProbeResult:
     """Retrieval of a property from `n_examples` positive examples: the SAE side ranks a corpus by the property
-    its index builds from the examples' latents (`SAEIndex.property`), a baseline by the cosine to the examples'
-    centroid. Average precision over the corpus without the examples, `mean_ap` over every (property, draw).
+    its index builds from the examples (`SAEIndex.property` with `method`), a baseline by the cosine to the
+    examples' centroid (`mean_ap`) and, in the `mean_ap_matched` row, by the same class-balanced logistic
+    regression of the examples against the corpus on its unit vectors (`mean_ap_classifier`), so the SAE's
+    method is also compared like for like. Average precision over the corpus without the examples, means over
+    every (property, draw).
 
     corpora: name -> (texts, property -> 0/1 labels of the texts); a property with too few positives is skipped.
     """
     aps: dict[str, list[float]] = {s.name: [] for s in sides}
+    matched: dict[str, list[float]] = {s.name: [] for s in sides if s.name != "sae"}
     extra: dict[str, float] = {}
     for c, (corpus, (texts, labels)) in enumerate(corpora.items()):
         texts = list(texts)
@@ -299,12 +308,16 @@ def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.nd
                 rng = np.random.default_rng([seed, c, p, draw])
                 ex = rng.choice(positives, n_examples, replace=False)
                 rest = np.setdiff1d(np.arange(len(texts)), ex)
-                scores = {} if index is None else \
-                    {"sae": index.property_scores(index.property(index.vectors[ex], n_latents=n_latents))}
+                scores = {} if index is None else {"sae": index.property_scores(
+                    index.property(index.vectors[ex], n_latents=n_latents, method=method, C=C))}
                 for name, V in vectors.items():
                     scores[name] = V @ normalize(V[ex].mean(0, keepdims=True))[0]
                 for name, s in scores.items():
                     per_prop[name].append(average_precision(y[rest], s[rest]))
+                for name in matched:
+                    V = vectors[name]
+                    s = _pu_classifier_scores(V, ex, C)
+                    matched[name].append(average_precision(y[rest], s[rest]))
             for name, values in per_prop.items():
                 aps[name] += values
                 extra[f"{name}/ap:{corpus}:{prop}"] = float(np.mean(values))
@@ -315,7 +328,25 @@ def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.nd
     mean = {"mean_ap": lambda _, a, b: float(np.mean(a))}
     metrics = {name: bootstrap(mean, zeros, v, v, n_boot, seed) for name, v in values.items()}
     gaps = paired_gaps(lambda _, a: float(np.mean(a)), zeros, values, "mean_ap", n_boot, seed)
+    if matched and index is not None:
+        like = {"sae": values["sae"]} | {name: np.asarray(v) for name, v in matched.items()}
+        metrics["sae"] |= {k.replace("mean_ap", "mean_ap_matched"): v for k, v in metrics["sae"].items()}
+        for name, v in matched.items():
+            metrics[name] |= {k.replace("mean_ap", "mean_ap_classifier"): x
+                              for k, x in bootstrap(mean, zeros, np.asarray(v), np.asarray(v), n_boot, seed).items()}
+        _merge(gaps, paired_gaps(lambda _, a: float(np.mean(a)), zeros, like, "mean_ap_matched", n_boot, seed))
+        return ProbeResult(metrics, gaps, ("mean_ap", "mean_ap_matched"), {"mean_ap_matched": "mean_ap_classifier"},
+                           extra=extra | {"n_property_draws": len(zeros)})
     return ProbeResult(metrics, gaps, ("mean_ap",), extra=extra | {"n_property_draws": len(zeros)})
+
+
+def _pu_classifier_scores(V: np.ndarray, examples: np.ndarray, C: float) -> np.ndarray:
+    """Decision values of a class-balanced L2 logistic regression of the example rows of V (unit vectors)
+    against every other row: the dense twin of the SAE index's classifier property."""
+    y = np.zeros(len(V))
+    y[examples] = 1
+    model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(V, y)
+    return model.decision_function(V)
 
 
 # ---- earnings ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     index = SAEIndex.build(docs, EmbedConfig(model="minilm", sae="default"), dense="sentence")
     index.search("statins lower cholesterol", k=10)                 # SAE latents, idf-weighted cosine
     index.search("statins lower cholesterol", k=10, mode="hybrid")  # fused with the dense side
-    index.search_property(positives=["...", "..."], k=50)          # by the latents the examples share
+    index.search_property(positives=["...", "..."], k=50)          # by what the examples share (a PU classifier)
     index.save("idx/"); index = SAEIndex.load("idx/")
 """
 
@@ -22,7 +22,14 @@ from saefeat.embed.config import EmbedConfig
 from saefeat.embed.pooling import SPARSE_POOLINGS, pool
 from saefeat.errors import SaefeatError
 from saefeat.retrieval.dense import DENSE_KINDS, DenseSide, encode_dense_side
-from saefeat.retrieval.properties import Property, latent_labels, property_from_description, select_latents
+from saefeat.retrieval.properties import (
+    PROPERTY_METHODS,
+    Property,
+    fit_property_classifier,
+    latent_labels,
+    property_from_description,
+    select_latents,
+)
 from saefeat.retrieval.store import IndexMismatchError, read_data, read_manifest, write_index
 
 MODES = ("sae", "dense", "hybrid")
@@ -299,7 +306,10 @@ class SAEIndex:
         return (cols, vals / norm) if norm > 0 else (cols[:0], vals[:0])
 
     def property_scores(self, prop: Property) -> np.ndarray:
-        return prop.score(self._X)
+        """Every document's score by `prop` (a classifier property weighted like this index reuses its norms)."""
+        same = prop.norm_idf is not None and len(prop.norm_idf) == len(self.idf) and np.array_equal(
+            prop.norm_idf, self.idf)
+        return prop.score(self._X, self._inv_norm if same else None)
 
     def search(self, query: str | Sequence[str], k: int = 10, mode: str = "sae", alpha: float = 0.5,
                exclude_latents: Iterable[int] = (), explain: int = 3) -> list[Hit] | list[list[Hit]]:
@@ -366,12 +376,22 @@ class SAEIndex:
 
     # ---- properties -------------------------------------------------------------------------
     def property(self, positives: Sequence[str] | sp.spmatrix, negatives: Sequence[str] | sp.spmatrix | None = None,
-                 n_latents: int = 16, min_support: float = 0.3, exclude_latents: Iterable[int] = ()) -> Property:
-        """The latents that separate the positive examples from the indexed corpus (and the negatives)."""
+                 n_latents: int = 16, min_support: float = 0.3, exclude_latents: Iterable[int] = (),
+                 method: str = "classifier", C: float = 0.1) -> Property:
+        """What the positive examples share against the indexed corpus (and the negatives).
+
+        method: `classifier` (default; a logistic regression of the examples against the corpus, on the index's
+        idf-weighted unit vectors, strength `C`) or `latents` (the `n_latents` latents that fire in at least
+        `min_support` of the examples far more often than in the corpus). See `saefeat.retrieval.properties`.
+        """
+        if method not in PROPERTY_METHODS:
+            raise SaefeatError(f"unknown property method {method!r}; valid: {', '.join(PROPERTY_METHODS)}")
         pos = positives if sp.issparse(positives) else self.encode(check_texts(list(positives), field="examples"))
         neg = negatives
         if negatives is not None and not sp.issparse(negatives):
             neg = self.encode(check_texts(list(negatives), field="negatives"))
+        if method == "classifier":
+            return fit_property_classifier(pos, self._X_rows, self.idf, neg, C=C, exclude=exclude_latents)
         return select_latents(pos, self.df, len(self), neg, n_latents=n_latents, min_support=min_support,
                               exclude=exclude_latents)
 
@@ -383,11 +403,12 @@ class SAEIndex:
                                          exclude_latents)
 
     def search_property(self, prop: Property | Sequence[str], k: int = 10, negatives: Sequence[str] | None = None,
-                        n_latents: int = 16, exclude_latents: Iterable[int] = (), explain: int = 3) -> list[Hit]:
-        """Top-k documents by a property (or by the property of the given positive example texts)."""
+                        n_latents: int = 16, exclude_latents: Iterable[int] = (), explain: int = 3,
+                        method: str = "classifier") -> list[Hit]:
+        """Top-k documents by a property (or by the property `method` builds from the given positive texts)."""
         exclude = list(exclude_latents)
         if not isinstance(prop, Property):
-            prop = self.property(prop, negatives, n_latents=n_latents, exclude_latents=exclude)
+            prop = self.property(prop, negatives, n_latents=n_latents, exclude_latents=exclude, method=method)
         elif exclude:
             prop = prop.without(exclude)
         if k < 1:

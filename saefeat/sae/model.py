@@ -174,6 +174,21 @@ class SAE(nn.Module):
         return f"{c.architecture} SAE {c.d_in}->{c.d_sae}{k} ({c.source_format}; host={c.host}, layer={c.layer})"
 
 
+def random_like(sae: SAE, seed: int = 0) -> SAE:
+    """An untrained TopK SAE of `sae`'s shape, k and read point (Gaussian encoder and decoder, zero biases): the
+    control a trained SAE's probe results should beat, since a wide sparse random code is itself a strong
+    feature map."""
+    cfg = SAEConfig(d_in=sae.d_in, d_sae=sae.d_sae, architecture="topk", k=sae.k or 32, host=sae.cfg.host,
+                    layer=sae.cfg.layer, hook_name=sae.cfg.hook_name, site=sae.cfg.site,
+                    context_size=sae.cfg.context_size)
+    out = SAE(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out.W_enc.copy_(torch.randn(cfg.d_in, cfg.d_sae, generator=gen) * cfg.d_in ** -0.5)
+        out.W_dec.copy_(torch.randn(cfg.d_sae, cfg.d_in, generator=gen) * cfg.d_sae ** -0.5)
+    return out
+
+
 def _cat_rows(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     """The per-chunk tuples of tensors joined along rows, field by field."""
     return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts))
