@@ -39,7 +39,15 @@ from saefeat.provenance import cpu_description  # noqa: E402
 DATA = Path(os.environ.get("SAEFEAT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 KINDS = ("sentence", "sentence-onnx-int8", "dense", "sae")
 NAMES = {"sentence": "sentence-transformers", "sentence-onnx-int8": "sentence-transformers, ORT int8",
-         "dense": "dense (layer 3, mean)", "sae": "sae (layer 3, max)"}
+         "dense": "dense (layer {layer}, mean)", "sae": "sae (layer {layer}, max)"}
+
+
+def default_sae_shape() -> tuple[int, int]:
+    """(layer, width) of the SAE shipped for minilm, the one every section measures."""
+    from saefeat.sae.formats import resolve_sae
+
+    sae = resolve_sae("default", "minilm")
+    return int(sae.cfg.layer), int(sae.d_sae)
 
 
 def load_docs(n: int) -> list[str]:
@@ -265,7 +273,8 @@ def main() -> None:
     t = throughput(a)
     kinds = list(t["seconds"])
     tps = {kind: [t["tokens"][kind] / s_ for s_ in t["seconds"][kind]] for kind in kinds}
-    print(f"\nembed_bench: {a.n_docs} SciFact abstracts, minilm + default SAE (layer 3, d_sae 4096), "
+    layer, width = default_sae_shape()
+    print(f"\nembed_bench: {a.n_docs} SciFact abstracts, minilm + default SAE (layer {layer}, d_sae {width}), "
           f"device={t['device']}, threads={t['threads']}, precision={a.precision}, backend={a.backend} "
           f"(ran: {t['runtime']}), batch={a.batch_size}, top-k: {t['topk']}; {a.repeats} rounds, each slice of "
           f"{a.slice_docs} documents through all in turn")
@@ -275,7 +284,8 @@ def main() -> None:
     for kind in kinds:
         med = _median(tps[kind])
         mem = f"{rss[kind]:>13.0f}" if kind in rss else f"{'-':>13}"
-        print(f"{NAMES[kind]:<34}{t['tokens'][kind]:>10}{t['tokens'][kind] / med:>10.1f}{med:>11.0f}"
+        name = NAMES[kind].format(layer=layer)
+        print(f"{name:<34}{t['tokens'][kind]:>10}{t['tokens'][kind] / med:>10.1f}{med:>11.0f}"
               f"{f'{min(tps[kind]):.0f}-{max(tps[kind]):.0f}':>15}{a.n_docs * med / t['tokens'][kind]:>9.1f}{mem}")
     ratio = [s_ / st for s_, st in zip(tps["sae"], tps["sentence"])]
     print(f"sae / sentence-transformers default encode: {_median(ratio):.2f}x  (target >= 2.0x on CPUs without "
