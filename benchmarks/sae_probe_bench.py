@@ -51,8 +51,8 @@ def main() -> None:
             times[name] = time.perf_counter() - t0
     if len(tables) > 1:
         sae = pd.DataFrame({p: t["sae"] for p, t in tables.items()})
+        first = next(iter(tables.values()))
         for side in ("dense", "dense_last", "sentence", "bm25"):
-            first = next(iter(tables.values()))
             if side in first:
                 sae[f"{side} (baseline)"] = first[side]
         console.print(sae.round(3).to_string(na_rep=""))

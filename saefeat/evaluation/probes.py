@@ -36,6 +36,7 @@ from saefeat.representations import make_representation
 from saefeat.retrieval.dense import DenseRetriever, normalize
 from saefeat.retrieval.evaluation import BM25, BeirData, per_query_scores, retrieval_report, to_run
 from saefeat.retrieval.index import SAEIndex
+from saefeat.retrieval.properties import fit_property_classifier
 from saefeat.retrieval.retrievers import make_retriever
 from saefeat.sae.metrics import activation_metrics, ce_recovered
 from saefeat.shortcut.selection import accuracy_report
@@ -315,8 +316,7 @@ def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.nd
                 for name, s in scores.items():
                     per_prop[name].append(average_precision(y[rest], s[rest]))
                 for name in matched:
-                    V = vectors[name]
-                    s = _pu_classifier_scores(V, ex, C)
+                    s = _classifier_scores(vectors[name], ex, C)
                     matched[name].append(average_precision(y[rest], s[rest]))
             for name, values in per_prop.items():
                 aps[name] += values
@@ -340,13 +340,12 @@ def property_probe(corpora: Mapping[str, tuple[Sequence[str], Mapping[str, np.nd
     return ProbeResult(metrics, gaps, ("mean_ap",), extra=extra | {"n_property_draws": len(zeros)})
 
 
-def _pu_classifier_scores(V: np.ndarray, examples: np.ndarray, C: float) -> np.ndarray:
-    """Decision values of a class-balanced L2 logistic regression of the example rows of V (unit vectors)
-    against every other row: the dense twin of the SAE index's classifier property."""
-    y = np.zeros(len(V))
-    y[examples] = 1
-    model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(V, y)
-    return model.decision_function(V)
+def _classifier_scores(V: np.ndarray, examples: np.ndarray, C: float) -> np.ndarray:
+    """Every row's score by the SAE index's classifier property (`fit_property_classifier`) fitted on dense unit
+    vectors: the example rows of V against the others, with unit weights in place of the index's idf."""
+    X = sp.csr_matrix(V)
+    prop = fit_property_classifier(X[examples], X, np.ones(V.shape[1]), C=C)
+    return prop.score(X)
 
 
 # ---- earnings ---------------------------------------------------------------------------------------------

@@ -307,8 +307,7 @@ class SAEIndex:
 
     def property_scores(self, prop: Property) -> np.ndarray:
         """Every document's score by `prop` (a classifier property weighted like this index reuses its norms)."""
-        same = prop.norm_idf is not None and len(prop.norm_idf) == len(self.idf) and np.array_equal(
-            prop.norm_idf, self.idf)
+        same = prop.norm_idf is not None and np.array_equal(prop.norm_idf, self.idf)
         return prop.score(self._X, self._inv_norm if same else None)
 
     def search(self, query: str | Sequence[str], k: int = 10, mode: str = "sae", alpha: float = 0.5,

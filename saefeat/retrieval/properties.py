@@ -90,6 +90,7 @@ def fit_property_classifier(positives: sp.spmatrix, background: sp.spmatrix, idf
         exclude: latents never used (concept filtering): their columns are zeroed before the fit.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
 
     pos, bg = sp.csr_matrix(positives, dtype=np.float32), sp.csr_matrix(background, dtype=np.float32)
     n_pos, d = pos.shape
@@ -113,8 +114,7 @@ def fit_property_classifier(positives: sp.spmatrix, background: sp.spmatrix, idf
         if excluded.min() < 0 or excluded.max() >= d:
             raise SaefeatError(f"excluded latent ids must be in [0, {d}); got {excluded.tolist()}")
         weight[excluded] = 0.0
-    X = sp.vstack([pos, bg], format="csr") @ sp.diags(weight)
-    X = sp.diags(1.0 / np.maximum(_norms(X), 1e-12)) @ X
+    X = normalize(sp.vstack([pos, bg], format="csr") @ sp.diags(weight))
     y = np.r_[np.ones(n_pos), np.zeros(bg.shape[0])]
     model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(X, y)
     coef = model.coef_[0]
