@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -15,6 +16,8 @@ import saefeat
 
 _PACKAGES = ("torch", "transformers", "scikit-learn", "onnxruntime", "sentence-transformers", "mlflow")
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+# variables that cap the instruction sets torch's kernels use (oneDNN, ATen, MKL); ONNX Runtime has none
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def _version(package: str) -> str:
@@ -26,7 +29,8 @@ def _version(package: str) -> str:
 
 @functools.cache
 def cpu_description() -> str:
-    """The CPU model and the instruction-set flags that pick the kernels (e.g. `AMD EPYC [avx2 avx512_bf16]`)."""
+    """The CPU model and the instruction-set flags that pick the kernels (e.g. `AMD EPYC [avx2 avx512_bf16]`),
+    then any cap set on torch's kernels (e.g. `capped: ONEDNN_MAX_CPU_ISA=AVX2`)."""
     model, flags = platform.processor() or "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -37,7 +41,9 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    return f"{model} [{' '.join(f for f in _CPU_FLAGS if f in flags)}]"
+    caps = [f"{v}={os.environ[v]}" for v in ISA_CAPS if os.environ.get(v)]
+    capped = f" capped: {' '.join(caps)}" if caps else ""
+    return f"{model} [{' '.join(f for f in _CPU_FLAGS if f in flags)}]{capped}"
 
 
 def git_state() -> tuple[str, bool | None]:

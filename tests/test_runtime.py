@@ -31,6 +31,23 @@ def test_auto_runtime_follows_the_cpu(monkeypatch, native):
     assert resolve_runtime(torch.device("cuda"), "auto", "auto") == Runtime("torch", "bf16")
 
 
+def test_an_isa_cap_runs_as_a_cpu_without_native_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes this process a CPU without native bf16 (the second CI pass runs this way):
+    `auto` takes the ONNX int8 path and the recorded CPU names the cap."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from saefeat.device import cpu_has_native_bf16, resolve_runtime; "
+            "from saefeat.provenance import cpu_description; "
+            "print(cpu_has_native_bf16(), resolve_runtime(torch.device('cpu')), cpu_description(), sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                         capture_output=True, text=True, check=True).stdout.strip().split("|")
+    assert out[0] == "False"
+    assert out[1] == repr(Runtime("onnx", "int8"))
+    assert out[2].endswith("capped: ONEDNN_MAX_CPU_ISA=AVX2")
+
+
 def test_auto_runtime_without_onnxruntime(monkeypatch):
     monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(device_mod, "onnxruntime_available", lambda: False)
