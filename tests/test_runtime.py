@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 
 from saefeat import device as device_mod
 from saefeat.device import Runtime, resolve_runtime
+from saefeat.provenance import ISA_CAPS
 
 CPU = torch.device("cpu")
 
@@ -34,14 +38,11 @@ def test_auto_runtime_follows_the_cpu(monkeypatch, native):
 def test_an_isa_cap_runs_as_a_cpu_without_native_bf16():
     """ONEDNN_MAX_CPU_ISA=AVX2 makes this process a CPU without native bf16 (the second CI pass runs this way):
     `auto` takes the ONNX int8 path and the recorded CPU names the cap."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import torch; from saefeat.device import cpu_has_native_bf16, resolve_runtime; "
             "from saefeat.provenance import cpu_description; "
             "print(cpu_has_native_bf16(), resolve_runtime(torch.device('cpu')), cpu_description(), sep='|')")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    env = {k: v for k, v in os.environ.items() if k not in ISA_CAPS} | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env,
                          capture_output=True, text=True, check=True).stdout.strip().split("|")
     assert out[0] == "False"
     assert out[1] == repr(Runtime("onnx", "int8"))
