@@ -19,7 +19,7 @@ from saefeat.errors import SaefeatError
 from saefeat.sae.activations import CorpusSource
 from saefeat.sae.formats import default_sae_path
 from saefeat.sae.store import ActivationStore, StoreConfig, StoreError, write_store
-from saefeat.sae.train import StoreTrainConfig, TrainingRunError, train_from_store
+from saefeat.sae.train import StoreTrainConfig, TrainingRunError, evaluate_on_store, train_from_store, warm_start
 
 
 def _sample(src: Path, dst: Path, n_docs: int, chars: int = 30_000) -> Path:
@@ -194,6 +194,32 @@ def test_a_checkpoint_continues_as_a_run_of_another_length_while_the_schedules_a
     # the finished 2-epoch checkpoint has decayed its LR: as the start of a 3-epoch run it would be wrong
     with pytest.raises(TrainingRunError):
         train_from_store(store, _recipe("topk", epochs=3), tmp_path / "cut", show_progress_bar=False)
+
+
+def test_a_warm_start_continues_a_trained_sae_at_another_k(store, tmp_path):
+    _, first_metrics, first = train_from_store(store, _recipe("topk"), tmp_path / "k4", show_progress_bar=False)
+    init = load_sae(first)
+    start = warm_start(_recipe("topk", k=8, init_from=str(first)), store)
+    assert start.k == 8 and start.cfg.input_scale == init.cfg.input_scale
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(start, name), getattr(init, name).float()), name
+    at_start = evaluate_on_store(start, store, 5)
+    _, tuned, out = train_from_store(store, _recipe("topk", k=8, init_from=str(first), epochs=1),
+                                     tmp_path / "k8", show_progress_bar=False)
+    saved = load_sae(out)
+    assert saved.k == 8 and saved.cfg.extra["warm_start"] == {"content_hash": init.content_hash, "k": 4,
+                                                               "path": str(first)}
+    assert tuned["l0"] == 8.0
+    assert tuned["explained_variance"] > max(first_metrics["explained_variance"], at_start["explained_variance"])
+    # a checkpoint belongs to its starting weights: another start is another run
+    with pytest.raises(TrainingRunError):
+        other_start = _recipe("topk", k=8, init_from=str(out), epochs=1)
+        train_from_store(store, other_start, tmp_path / "k8", show_progress_bar=False)
+    for bad, message in [(dict(d_sae=256), "shape"), (dict(layer=3), "layer 5, the recipe minilm layer 3"),
+                         (dict(architecture="batchtopk"), "warm starts are for TopK")]:
+        with pytest.raises(SaefeatError, match=message):
+            train_from_store(store, _recipe("topk", init_from=str(first), **bad), tmp_path / "bad",
+                             show_progress_bar=False)
 
 
 # ---- SAEs over sentence embeddings (sae_sentence) ----------------------------------------------------------

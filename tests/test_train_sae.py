@@ -57,3 +57,7 @@ def test_store_recipes_are_named_and_checked_before_any_work(tmp_path):
     assert res.exit_code == 2 and "store.output" in res.output and not (tmp_path / "run").exists()
     res = run("recipe=minilm-topk-16k", "train.architecture=magic")
     assert res.exit_code == 2 and "magic" in res.output
+    res = run("recipe=minilm-topk48-16k", f"output={tmp_path / 'ft'}", f"store.output={tmp_path / 'store'}",
+              f"train.init_from={tmp_path / 'no-sae'}")
+    assert res.exit_code == 2 and "train.init_from=" in res.output and "no SAE there" in res.output
+    assert not (tmp_path / "store").exists()  # refused before any store work

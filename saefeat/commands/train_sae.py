@@ -112,6 +112,8 @@ def run_store_training(cfg: DictConfig) -> tuple[SAE, dict[str, float], Path]:
         raise SaefeatError(f"recipe {cfg.recipe}: its `train` section is not a store-trained SAE's ({e})") from None
     out = Path(cfg.output)
     _outside_package(out, "output")
+    if tc.init_from and not Path(tc.init_from).exists():  # before the store is written, which takes minutes
+        raise MissingFileError(f"train.init_from={tc.init_from}: no SAE there (recipe {cfg.recipe} fine-tunes it)")
     store = write_recipe_store(cfg)
     name = f"{cfg.store.model}-L{tc.layer}-{tc.architecture}{tc.k}-{tc.d_sae}"
     with start_run(cfg.tracking.experiment or "sae-training", name, to_dict(cfg),

@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from saefeat.atomic import atomic_write
 from saefeat.device import autocast
-from saefeat.errors import SaefeatError
+from saefeat.errors import MissingFileError, SaefeatError
 from saefeat.hosts import HostModel
 from saefeat.sae.activations import CorpusSource, ShuffledBuffer, sample_windows
-from saefeat.sae.formats import save_sae
+from saefeat.sae.formats import load_sae, save_sae
 from saefeat.sae.metrics import activation_metrics, evaluate_sae
 from saefeat.sae.model import SAE, SAEConfig
 from saefeat.sae.store import ActivationStore
@@ -335,6 +335,7 @@ class StoreTrainConfig:
     threshold_beta: float = 0.999
     candidates: int = 4
     group_shards: int = 4  # shards shuffled together by the store reader
+    init_from: str | None = None  # an SAE (any format load_sae reads) to start from instead of random weights
     bf16: bool = True
     seed: int = 0
     checkpoint_every: int = 500  # steps
@@ -415,6 +416,32 @@ def evaluate_on_store(sae: SAE, store: ActivationStore, layer: int, max_tokens: 
         return activation_metrics(sae, _eval_batches(store.eval_activations(layer, max_tokens), dev))
 
 
+def warm_start(cfg: StoreTrainConfig, store: ActivationStore) -> SAE:
+    """The SAE at `cfg.init_from` as trainable fp32 weights with the recipe's k: it must be a TopK SAE of the
+    recipe's width, trained on the store's host at the recipe's layer (its input scale is kept)."""
+    where = f"init_from={cfg.init_from}"
+    try:
+        init = load_sae(cfg.init_from)
+    except MissingFileError as e:
+        raise MissingFileError(f"{where}: {e}") from None
+    if cfg.architecture != "topk" or init.cfg.architecture != "topk":
+        raise SaefeatError(f"{where}: warm starts are for TopK SAEs and a topk recipe, got a "
+                           f"{init.cfg.architecture} SAE and architecture={cfg.architecture}")
+    if (init.d_in, init.d_sae) != (store.d_model, cfg.d_sae):
+        raise SaefeatError(f"{where}: its shape (d_in {init.d_in}, d_sae {init.d_sae}) is not the recipe's "
+                           f"(d_in {store.d_model}, d_sae {cfg.d_sae})")
+    if (init.cfg.host, init.cfg.layer) != (store.identity["host"], cfg.layer):
+        raise SaefeatError(f"{where}: it reads {init.cfg.host} layer {init.cfg.layer}, the recipe "
+                           f"{store.identity['host']} layer {cfg.layer}")
+    warm = {"content_hash": init.content_hash, "k": init.k, "path": str(cfg.init_from)}
+    sae = SAE(replace(init.cfg, k=cfg.k, source_format="saefeat", extra={"warm_start": warm}))
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(getattr(init, name).float())
+    sae.content_hash = init.content_hash
+    return sae
+
+
 def train_from_store(store: ActivationStore, cfg: StoreTrainConfig, output: str | Path,
                      log: Callable[[dict[str, float], int], None] | None = None, half: bool = True,
                      meta: dict[str, Any] | None = None, device: str | torch.device | None = "cpu",
@@ -430,6 +457,9 @@ def train_from_store(store: ActivationStore, cfg: StoreTrainConfig, output: str 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     precision = "bf16" if cfg.bf16 else "fp32"
     identity = {"recipe": cfg.identity(), "store": store.fingerprint, "layer": cfg.layer}
+    start_sae = warm_start(cfg, store) if cfg.init_from else None
+    if start_sae is not None:  # the starting weights, not the path, say which run a checkpoint belongs to
+        identity["init_from"] = start_sae.content_hash
     steps = cfg.steps(store.train_tokens)
     ckpt = output / CHECKPOINT
     saved = _read_checkpoint(ckpt) if ckpt.is_file() else None
@@ -443,7 +473,9 @@ def train_from_store(store: ActivationStore, cfg: StoreTrainConfig, output: str 
               f"{saved[1]['step']} of this one (same LR up to there); continuing it as {steps} steps", flush=True)
         saved[1]["identity"] = identity
     torch.manual_seed(cfg.seed)
-    if saved is None:
+    if saved is None and start_sae is not None:
+        sae = start_sae
+    elif saved is None:
         sample = torch.from_numpy(next(store.batches(cfg.layer, cfg.batch_size, cfg.seed,
                                                      group_shards=cfg.group_shards))).float()
         arch = "topk" if cfg.architecture == "topk" else "batchtopk"
