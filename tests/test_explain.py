@@ -298,7 +298,11 @@ def test_store_labels_and_firing_counts_agree_with_the_cards(corpus, tmp_path):
     from saefeat.tabular.concepts import store_labels
 
     texts, sources = corpus[0][:6], corpus[1][:6]
-    emb, store = _build(random_sae(tmp_path / "sae", d_sae=64, k=8), texts, sources, store_dir=tmp_path / "latents")
+    emb, store = _build(random_sae(tmp_path / "sae", d_sae=64, k=8), texts, sources, store_dir=tmp_path / "latents",
+                        chunk_docs=2)
+    store.con.execute(f"VACUUM INTO '{tmp_path / 'compacted.sqlite'}'")  # a finished store is compacted already
+    pages = store.con.execute("PRAGMA page_count").fetchone()[0]
+    assert pages == LatentStore(tmp_path / "compacted.sqlite").con.execute("PRAGMA page_count").fetchone()[0]
     cards = store.cards(list(range(64)), n_top=0, n_weak=0)
     counts = store.firing_counts()
     assert counts.dtype == np.int64 and counts.tolist() == [c.n_fire for c in cards]

@@ -204,3 +204,4 @@ def _finish(store: LatentStore, emb: SAEEmbedder, texts: Sequence[str]) -> None:
     with store.con:
         store.set_labels(rows)
         store.set_meta({"complete": True})
+    store.compact()
