@@ -9,12 +9,12 @@ from saefeat.config import load_config
 from saefeat.sae.formats import default_sae_path, load_sae
 from saefeat.sae.metrics import ce_recovered, reconstruction_metrics
 
+# Bars that guard against a worse SAE, below the shipped ones' figures. Dead latents: minilm's 16k SAE (k=48) has
+# 0.1% that never fire over the suite's 1M held-out tokens (issue 17's target is 1%), but 3.0% over the 100k here,
+# where rare latents look dead.
 BARS = {"explained_variance": 0.75, "dead_fraction": 0.05, "ce_loss_recovered": 0.80}
-# minilm's 16k SAE: 3.9% of its latents never fire on the store's 131k held-out tokens (5.4% on these 100k);
-# issue 17's target of 1% is missed, and this bar only guards against a worse SAE
-DEAD_BARS = {"minilm": 0.07}
 # The shipped SAE's recipe: minilm's comes from the activation-store trainer, smollm2's from `saefeat train-sae`.
-STORE_RECIPES = {"minilm": "minilm-topk-16k"}
+STORE_RECIPES = {"minilm": "minilm-topk48-16k"}
 
 
 def _recipe(model: str) -> tuple[int, int, int]:
@@ -49,7 +49,7 @@ def test_shipped_sae_meets_the_bars(model, n_windows, data_dir, request):
     m = reconstruction_metrics(sae, host, sae.cfg.layer, windows)
     assert m["eval_tokens"] > 10_000
     assert m["explained_variance"] >= BARS["explained_variance"], m
-    assert m["dead_fraction"] <= DEAD_BARS.get(model, BARS["dead_fraction"]), m
+    assert m["dead_fraction"] <= BARS["dead_fraction"], m
     assert m["l0"] == pytest.approx(sae.k, abs=0.01)
     if host.is_causal:
         ce = ce_recovered(sae, host, sae.cfg.layer, windows[:16])

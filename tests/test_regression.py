@@ -32,8 +32,9 @@ def toxicity_split(data_dir):
     return docs[:600], y[order[:600]], docs[600:], y[order[600:]]
 
 
-# Pins measured at this commit (fp32, AMD EPYC avx2 avx512_bf16). Broken variants tried: the SAE run at k=4
-# instead of its trained 32 (sae 0.898) and every document cut to its first 8 tokens (sae 0.855, dense 0.818).
+# Pins measured with the shipped k=48 minilm SAE (fp32, AMD EPYC avx2 avx512_bf16; the k=32 SAE before it gave
+# sae 0.9361 as well, to four places). Broken variants tried on the k=32 SAE: run at k=4 (sae 0.898) and every
+# document cut to its first 8 tokens (sae 0.855, dense 0.818).
 TOXICITY_PINS = {"sae": 0.9361, "dense": 0.9263}
 TOXICITY_TOL = 0.015  # about one bootstrap standard deviation of ROC-AUC over 600 balanced comments
 
@@ -50,8 +51,9 @@ def test_toxicity_probe_roc_auc_is_pinned(toxicity_split, representation):
     pinned(auc, TOXICITY_PINS[representation], TOXICITY_TOL, f"toxicity ROC-AUC of {representation}")
 
 
-# Broken variant tried: the SAE at k=4 (sae 0.772). BM25 needs no model: its pin checks the sample and the scoring.
-RETRIEVAL_PINS = {"sae": 0.8554, "bm25": 0.8203}
+# Pinned with the k=48 SAE (the k=32 one: 0.8554). Broken variant tried on the k=32 SAE: run at k=4 (sae 0.772).
+# BM25 needs no model: its pin checks the sample and the scoring.
+RETRIEVAL_PINS = {"sae": 0.8429, "bm25": 0.8203}
 RETRIEVAL_TOL = {"sae": 0.03,  # about one bootstrap standard deviation of nDCG@10 over 60 queries
                  "bm25": 0.002}  # exact code on exact data: only a changed sample or scorer moves it
 
@@ -130,12 +132,14 @@ def pinned_all(measured: dict[str, float], expected: dict[str, float], tol: floa
         f"{k} measured {m:.4f}, pinned {v:.4f}" for k, (m, v) in moved.items())
 
 
-# Pinned at this commit (fp32, AMD EPYC avx2 avx512_bf16). Broken variant tried: the SAE at k=4 instead of its
-# trained k moves five of these by 0.03 to 0.035 (erm/sae ood 0.515, dbr_sae/sae ood 0.550, dbr_ig/sae in-domain 0.775).
-SHORTCUT_PINS = {"erm/sae:in_domain": 0.770, "erm/sae:ood": 0.545, "dbr_ig/sae:in_domain": 0.740,
-                 "dbr_ig/sae:ood": 0.505, "dbr_sae/sae:in_domain": 0.785, "dbr_sae/sae:ood": 0.585,
+# Pinned with the k=48 SAE (fp32, AMD EPYC avx2 avx512_bf16). DBR-SAE reads the SAE on `dense` too, so its dense
+# rows moved with it: dbr_sae/dense 0.750 / 0.565 with the k=32 SAE, 0.625 / 0.535 now (λ chosen on 80 in-domain
+# reviews; on the full task run the k=48 SAE gives dbr_sae/dense 0.812 / 0.637, README). Broken variant tried on
+# the k=32 SAE: run at k=4, which moved five of its pins by 0.03 to 0.035.
+SHORTCUT_PINS = {"erm/sae:in_domain": 0.770, "erm/sae:ood": 0.535, "dbr_ig/sae:in_domain": 0.765,
+                 "dbr_ig/sae:ood": 0.505, "dbr_sae/sae:in_domain": 0.790, "dbr_sae/sae:ood": 0.540,
                  "erm/dense:in_domain": 0.720, "erm/dense:ood": 0.550, "dbr_ig/dense:in_domain": 0.705,
-                 "dbr_ig/dense:ood": 0.460, "dbr_sae/dense:in_domain": 0.750, "dbr_sae/dense:ood": 0.565}
+                 "dbr_ig/dense:ood": 0.460, "dbr_sae/dense:in_domain": 0.625, "dbr_sae/dense:ood": 0.535}
 SHORTCUT_TOL = 0.025  # 200 reviews per evaluation set: 0.025 is 5 changed predictions
 
 
@@ -152,9 +156,9 @@ def test_shortcut_dbr_is_pinned(data_dir):
     pinned_all(measured, SHORTCUT_PINS, SHORTCUT_TOL, "CAD sentiment accuracies")
 
 
-# Pinned at this commit (fp32, AMD EPYC avx2 avx512_bf16). Broken variant tried: the SAE at k=4 (sae 0.822).
-# Spearman of the regression is near 0 on these truncated calls, so it is not pinned.
-EARNINGS_PINS = {"sae:roc_auc": 0.8980, "dense:roc_auc": 0.8750, "tfidf:roc_auc": 0.8322}
+# Pinned with the k=48 SAE (fp32, AMD EPYC avx2 avx512_bf16; the k=32 SAE: sae 0.8980). Broken variant tried on
+# the k=32 SAE: run at k=4 (sae 0.822). Spearman of the regression is near 0 on these truncated calls: not pinned.
+EARNINGS_PINS = {"sae:roc_auc": 0.8783, "dense:roc_auc": 0.8750, "tfidf:roc_auc": 0.8322}
 EARNINGS_TOL = 0.03  # ROC-AUC over the ~100 test calls of the global cut: one swapped pair of calls moves it ~0.001
 
 
