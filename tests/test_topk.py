@@ -51,7 +51,8 @@ def _assert_same_codes(pre, k):
 
 def _assert_flags_only_ties(pre, k):
     """Most rows are the kernel's own work: it hands back exactly the rows whose top k is not unique (bf16 has 8
-    significant bits, so the k-th and (k+1)-th values are often equal)."""
+    significant bits, so the k-th and (k+1)-th values are often equal: 35% of these rows at the shipped SAE's
+    k=48, fewer at smaller k)."""
     rows = pre.shape[0]
     idx, vals = torch.empty(rows, k, dtype=torch.long), torch.empty(rows, k, dtype=pre.dtype)
     flagged = torch.empty(rows, dtype=torch.bool)
@@ -59,7 +60,7 @@ def _assert_flags_only_ties(pre, k):
                                 idx.data_ptr(), vals.data_ptr(), flagged.data_ptr())
     kth, after = pre.float().topk(k + 1, dim=-1).values[:, -2:].unbind(1)
     assert torch.equal(flagged, kth == after)
-    assert 0.01 < flagged.float().mean() < 0.3
+    assert 0.01 < flagged.float().mean() < 0.5
 
 
 def _scifact(data_dir, n: int) -> list[str]:
