@@ -96,7 +96,7 @@ class LatentStore:
             self._con = None
 
     def compact(self) -> None:
-        """Give back the pages freed while chunks were committed (a finished 16k-latent store: 27 MB -> 18 MB)."""
+        """Rewrite the file without the half-filled pages chunk commits leave (16k-latent cards: 27 MB -> 18 MB)."""
         self.con.execute("VACUUM")
 
     def delete(self) -> None:
