@@ -16,9 +16,10 @@ Two sentence-transformers baselines: its default `encode` (torch, fp32, no autoc
 `backend="onnx"` goes through optimum, which needs transformers<5, so the export here is saefeat's own
 (`saefeat.onnx_host`, the same per-channel dynamic quantization optimum applies).
 
-The drift section encodes Jigsaw comments with each runtime and reports, against exact torch fp32: the cosine of
-max-pooled SAE vectors, the share of each document's top-32 latents that are the same, and the ROC-AUC of a
-logistic-regression toxicity probe on a seeded validation split, with a paired bootstrap interval of its change.
+The drift section encodes Jigsaw comments with each runtime (the int8 one twice: with the SAE step in torch fp32,
+and with its int8 encoder, `saefeat.onnx_sae`, as it runs by default) and reports, against exact torch fp32: the
+cosine of max-pooled SAE vectors, the share of each document's top-32 latents that are the same, and the ROC-AUC of
+a logistic-regression toxicity probe on a seeded validation split, with a paired bootstrap interval of its change.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def throughput(a: argparse.Namespace) -> dict:
                 seconds[kind][round_] += r.run(kind, part)
     return {"seconds": seconds, "tokens": {kind: r.tokens(kind, docs) for kind in kinds},
             "device": str(r.device), "threads": torch.get_num_threads(), "topk": topk_kernel(r.device),
-            "runtime": f"{r.emb.runtime.backend}/{r.emb.runtime.precision}"}
+            "runtime": f"{r.emb.runtime.backend}/{r.emb.runtime.precision}, SAE step {r.emb.sae_step}"}
 
 
 def peak_rss(kind: str, a: argparse.Namespace) -> dict:
@@ -180,7 +181,7 @@ def drift(a: argparse.Namespace) -> list[dict]:
     df = pd.read_csv(DATA / "toxicity" / "jigsaw_toxic_balanced_8k.csv.gz").sample(a.drift_docs, random_state=0)
     texts, y = df["comment_text"].astype(str).tolist(), df["toxic"].to_numpy()
     tr, va = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=0)
-    runtimes = [("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8")]
+    runtimes = [("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8 host"), ("onnx", "int8")]
     if not cpu_has_native_bf16():
         runtimes.remove(("torch", "bf16"))  # emulated bf16 runs at ~1% of fp32's speed there
     rng = np.random.default_rng(0)
@@ -188,13 +189,16 @@ def drift(a: argparse.Namespace) -> list[dict]:
     out, ref, ref_scores = [], None, None
     for backend, precision in runtimes:
         print(f"drift: {backend}/{precision} ...", file=sys.stderr, flush=True)
-        emb = SAEEmbedder("minilm", cache_dir=False, precision=precision, backend=backend)
+        # "int8 host": the int8 host with the SAE step left in torch fp32, to show what each int8 part costs
+        cls = SAEEmbedder if precision != "int8 host" else _torch_sae_step()
+        emb = cls("minilm", cache_dir=False, precision=precision.split()[0], backend=backend)
         t0 = time.perf_counter()
         X = emb.encode(texts, show_progress_bar=False).tocsr()
         secs = time.perf_counter() - t0
         probe = make_pipeline(MaxAbsScaler(), LogisticRegression(C=0.1, max_iter=3000)).fit(X[tr], y[tr])
         scores = probe.decision_function(X[va])
-        row = {"runtime": f"{backend}/{precision}", "seconds": secs, "auc": roc_auc_score(y[va], scores)}
+        row = {"runtime": f"{backend}/{precision}" + (", int8 SAE" if emb.sae_step != "torch" else ""),
+               "seconds": secs, "auc": roc_auc_score(y[va], scores)}
         if ref is None:
             ref, ref_scores = X, scores
         else:
@@ -207,6 +211,15 @@ def drift(a: argparse.Namespace) -> list[dict]:
             row["auc_delta_ci"] = (float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5)))
         out.append(row)
     return out
+
+
+def _torch_sae_step():
+    from saefeat.embed.embedder import SAEEmbedder
+
+    class TorchSAEStep(SAEEmbedder):
+        sae_step = "torch"
+
+    return TorchSAEStep
 
 
 def topk_kernel(device) -> str:
@@ -307,11 +320,11 @@ def main() -> None:
         rows = drift(a)
         print(f"\ndrift against exact torch fp32: {a.drift_docs} Jigsaw comments (balanced set, seeded 70/30 split), "
               f"max pooling; probe = MaxAbsScaler + logistic regression (C=0.1) on the training part")
-        print(f"{'runtime':<14}{'seconds':>9}{'cosine':>9}{'top-32 same':>13}{'val ROC-AUC':>13}{'change, 95% CI':>26}")
+        print(f"{'runtime':<28}{'seconds':>9}{'cosine':>9}{'top-32 same':>13}{'val ROC-AUC':>13}{'change, 95% CI':>26}")
         for r in rows:
             ci = r.get("auc_delta_ci")
             ci_s = f"{r['auc'] - rows[0]['auc']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "reference"
-            print(f"{r['runtime']:<14}{r['seconds']:>9.1f}{r.get('cosine', 1.0):>9.4f}{r.get('top32_same', 1.0):>13.3f}"
+            print(f"{r['runtime']:<28}{r['seconds']:>9.1f}{r.get('cosine', 1.0):>9.4f}{r.get('top32_same', 1.0):>13.3f}"
                   f"{r['auc']:>13.4f}{ci_s:>26}")
 
 

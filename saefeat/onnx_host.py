@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,29 +110,36 @@ def export_truncated(host: HostModel, layer: int, precision: str, target: Path, 
     return target
 
 
+def cpu_session(path: Path, rebuild: Callable[[], object], what: str):
+    """An ONNX Runtime CPU session of the cached export `path`, with saefeat's thread settings. A damaged cache file
+    is derived, so it is rebuilt (`rebuild()` writes `path` again) and read once more."""
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    # no spinning between runs: torch's threads run the SAE step and pooling on the same cores right after
+    # (with spinning on, the two pools fight and a pass runs up to 1.8x slower on 2 cores)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except (InvalidProtobuf, InvalidGraph, Fail) as e:
+        logger.warning("cached %s %s is unreadable (%s); writing it again", what, path, e)
+        rebuild()
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxHost:
     """`residual(input_ids, attention_mask)` of a host truncated after block `layer`, on ONNX Runtime (CPU)."""
 
     def __init__(self, host: HostModel, layer: int, precision: str, cache_root: Path):
-        import onnxruntime as ort
-        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
-
         self.host, self.layer, self.precision = host, layer, precision
         self.path = export_path(host, layer, precision, Path(cache_root))
         if not self.path.is_file():
             export_truncated(host, layer, precision, self.path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        # no spinning between runs: torch's threads run the SAE step and pooling on the same cores right after
-        # (with spinning on, the two pools fight and a pass runs up to 1.8x slower on 2 cores)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except (InvalidProtobuf, InvalidGraph, Fail) as e:  # a damaged cache file: it is derived, so rebuild it
-            logger.warning("cached ONNX export %s is unreadable (%s); exporting it again", self.path, e)
-            export_truncated(host, layer, precision, self.path, fresh_source=True)
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(
+            self.path, lambda: export_truncated(host, layer, precision, self.path, fresh_source=True), "ONNX export")
 
     def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Residual stream after block `layer`, (B, T, d) float32 on CPU."""

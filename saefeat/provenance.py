@@ -85,5 +85,5 @@ def embedder_provenance(embedder: Any) -> dict[str, str]:
     return {"host": str(e.model_name), "host_fingerprint": e.host.fingerprint, "layer": str(e.layer),
             "hook": e.host.hook_name(e.layer), "sae_hash": sae.content_hash if sae else "none",
             "sae_k": str(sae.cfg.k) if sae else "none", "window": str(e.window), "device": str(e.device),
-            "backend": e.runtime.backend, "precision": e.runtime.precision,
+            "backend": e.runtime.backend, "precision": e.runtime.precision, "sae_step": e.sae_step if sae else "none",
             "topk_kernel": str(e.device.type == "cpu" and sae is not None and sae.is_topk and topk.kernel_enabled())}

@@ -137,6 +137,29 @@ def test_a_damaged_export_is_rebuilt(data_dir, onnx_root):
     torch.testing.assert_close(again.residual(ids, att), good.residual(ids, att), rtol=0, atol=0)
 
 
+def test_int8_sae_step_keeps_the_selected_latents(data_dir, onnx_root):
+    from saefeat.embed.embedder import SAEEmbedder
+    from saefeat.onnx_sae import OnnxSAEEncoder
+
+    emb = SAEEmbedder("minilm", cache_dir=onnx_root, precision="int8")
+    assert emb.sae_step == "onnx-int8" and emb.settings("sae")["sae_step"] == "onnx-int8"
+    assert "sae_step" not in SAEEmbedder("minilm", cache_dir=onnx_root, precision="fp32").settings("sae")
+    reader = emb.reader
+    x = torch.cat([x for _, _, x in reader.batches(reader.token_ids(_abstracts(data_dir, 6)), 8)])
+    ref_v, ref_i = emb.sae.encode_topk_rows(x.float())  # the same activations, through the exact fp32 encoder
+    int8 = OnnxSAEEncoder(emb.sae, onnx_root)
+    got_v, got_i = int8.encode_topk_rows(x)
+    assert got_i.shape == ref_i.shape == (len(x), emb.sae.k) and bool((got_v >= 0).all())
+    kept = [len(set(a[va > 0].tolist()) & set(b[vb > 0].tolist())) / max(1, int((va > 0).sum()))
+            for a, b, va, vb in zip(ref_i, got_i, ref_v, got_v)]
+    assert 0.9 < np.mean(kept) < 1.0, np.mean(kept)  # quantized, so not all of them; most of them
+    path, mtime = int8.path, int8.path.stat().st_mtime_ns
+    assert OnnxSAEEncoder(emb.sae, onnx_root).path == path and path.stat().st_mtime_ns == mtime  # quantized once
+    path.write_bytes(path.read_bytes()[:500])  # a damaged cache file is derived: it is rebuilt
+    rebuilt = OnnxSAEEncoder(emb.sae, onnx_root)
+    torch.testing.assert_close(rebuilt.encode_topk_rows(x), (got_v, got_i), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_embedding_matches_cpu(data_dir):
     from saefeat.embed.embedder import SAEEmbedder
@@ -169,6 +192,7 @@ def test_runs_record_what_ran_in_the_callers_store(tmp_path, monkeypatch):
             p = "resolved." if r["tags.saefeat.role"] == "parent" else ""
             assert r[f"params.{p}precision"] == "fp32" and r[f"params.{p}backend"] == "torch"
             assert r[f"params.{p}device"] == "cpu" and len(r[f"params.{p}host_fingerprint"]) == 16
+            assert r[f"params.{p}sae_step"] == "torch"  # fp32 keeps the SAE step in torch
         parent = runs[runs["tags.saefeat.role"] == "parent"].iloc[0]
         assert parent["tags.version.torch"] == importlib.metadata.version("torch")
         assert parent["tags.saefeat.git_dirty"] in ("True", "False", "unknown")

@@ -26,8 +26,9 @@ from saefeat.embed.stats import StatsAccumulator
 from saefeat.errors import SaefeatError
 from saefeat.hosts import HostModel, get_host
 from saefeat.onnx_host import onnx_capable
+from saefeat.onnx_sae import STEP_NAME, OnnxSAEEncoder
 from saefeat.sae.formats import check_compatible, resolve_sae
-from saefeat.sae.model import SAE
+from saefeat.sae.model import SAE, topk_rows_to_coo
 from saefeat.sae.sites import host_read_point
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class SAEEmbedder:
         self.reader = WindowReader(self.host, self.layer, site, self.window, self.overlap, self.max_tokens,
                                    self.keep_special, runtime, self.cache_root or default_cache_dir())
         self._caches: dict[str, StatsCache] = {}
+        self._int8_encoder: OnnxSAEEncoder | None = None
 
     @classmethod
     def from_config(cls, config: EmbedConfig, sae: SAE | None = None) -> SAEEmbedder:
@@ -111,6 +113,14 @@ class SAEEmbedder:
         return self.reader.precision
 
     @property
+    def sae_step(self) -> str:
+        """How the SAE encoder runs: `onnx-int8` (the int8 matmul on ONNX Runtime, on the onnx int8 runtime for
+        TopK SAEs), else `torch` (in the torch parts' precision)."""
+        rt = self.runtime
+        int8 = rt.backend == "onnx" and rt.precision == "int8" and self.sae is not None and self.sae.is_topk
+        return STEP_NAME if int8 else "torch"
+
+    @property
     def d_sae(self) -> int:
         return self._need_sae().d_sae
 
@@ -125,6 +135,8 @@ class SAEEmbedder:
         if kind == "sae":
             sae = self._need_sae()
             s |= {"sae": sae.content_hash, "sae_k": sae.cfg.k}
+            if self.sae_step != "torch":  # torch-step keys as before, so existing caches stay valid
+                s["sae_step"] = self.sae_step
         return s
 
     # ---- public API -------------------------------------------------------------------------
@@ -223,16 +235,27 @@ class SAEEmbedder:
         return autocast(self.device, self.precision)
 
     def _encode_sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SAE codes of a batch; callers run it inside `_cast_once`, which sets the precision."""
+        """SAE codes of a batch as COO triples; callers run it inside `_cast_once`, which sets the precision."""
         with torch.no_grad():
+            if self.sae_step != "torch":
+                return topk_rows_to_coo(*self._topk_rows(x))
             return self._need_sae().encode_sparse(x)
+
+    def _topk_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, latent ids) of a TopK SAE for a batch, through the SAE step `sae_step` names."""
+        sae = self._need_sae()
+        if self.sae_step == "torch":
+            return sae.encode_topk_rows(x)
+        if self._int8_encoder is None:  # built on first use: a dense-only pass never needs it
+            self._int8_encoder = OnnxSAEEncoder(sae, self.cache_root or default_cache_dir())
+        return self._int8_encoder.encode_topk_rows(x)
 
     def _sae_codes(self, doc: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAE codes of a batch as (flat doc x latent slot, float32 value, 1.0 where it fires) for pooling; called
         under no_grad."""
         sae = self._need_sae()
         if sae.is_topk:  # (rows, k) codes as they are: a zero adds nothing, so no compaction is needed
-            vals, idx = sae.encode_topk_rows(x)
+            vals, idx = self._topk_rows(x)
             v = vals.float().view(-1)
             fired = v > 0
             return (doc.unsqueeze(1) * self.d_sae + idx).view(-1), torch.where(fired, v, 0.0), fired.float()

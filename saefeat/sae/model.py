@@ -127,10 +127,7 @@ class SAE(nn.Module):
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Non-zero activations of 2-D inputs as COO triples (row, latent, value), kept on x's device."""
         if self.is_topk:
-            vals, idx = self.encode_topk_rows(x)
-            rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(idx)
-            keep = vals > 0
-            return rows[keep], idx[keep], vals[keep]
+            return topk_rows_to_coo(*self.encode_topk_rows(x))
         parts = []
         for first, chunk in self._row_chunks(x):
             z = self.encode(chunk)
@@ -187,6 +184,13 @@ def random_like(sae: SAE, seed: int = 0) -> SAE:
         out.W_enc.copy_(torch.randn(cfg.d_in, cfg.d_sae, generator=gen) * cfg.d_in ** -0.5)
         out.W_dec.copy_(torch.randn(cfg.d_sae, cfg.d_in, generator=gen) * cfg.d_sae ** -0.5)
     return out
+
+
+def topk_rows_to_coo(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, k) top-k codes as COO triples (row, latent, value) of their non-zero entries."""
+    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+    keep = vals > 0
+    return rows[keep], idx[keep], vals[keep]
 
 
 def _cat_rows(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
