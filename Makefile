@@ -40,7 +40,7 @@ run: setup
 # the suite (with the sae-lens/sparsify interop venv), then the top-k tests again without the C kernel (CI runs this
 # with SAEFEAT_REQUIRE_DATA=1 SAEFEAT_REQUIRE_INTEROP=1, see .ci/run)
 test: setup interop-venv
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 	$(MAKE) --no-print-directory test-portable
 
 # the top-k tests on the kernel-free path a machine without the compiled kernel takes (kernel tests skip), then
