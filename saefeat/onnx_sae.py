@@ -20,8 +20,7 @@ import torch
 from saefeat.atomic import atomic_write
 from saefeat.errors import SaefeatError
 from saefeat.onnx_host import cpu_session
-from saefeat.sae.model import _CPU_CHUNK_ELEMENTS, SAE, _cat_rows
-from saefeat.sae.topk import topk_relu
+from saefeat.sae.model import SAE
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +96,5 @@ class OnnxSAEEncoder:
         return torch.from_numpy(self.session.run(None, {"x": feed})[0])
 
     def encode_topk_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, latent ids), each (rows, k), ReLU'd: `SAE.encode_topk_rows` with the int8 matmul. Rows go in
-        chunks whose pre-activations stay in cache until the selection reads them, as in torch."""
-        if x.shape[-1] != self.sae.d_in:
-            raise SaefeatError(f"SAE expects inputs of width d_in={self.sae.d_in}, got {x.shape[-1]}")
-        step = max(1, _CPU_CHUNK_ELEMENTS // self.sae.d_sae)
-        k = self.sae.k
-        return _cat_rows([topk_relu(self.pre_acts(x[i:i + step]), k) for i in range(0, max(1, x.shape[0]), step)])
+        """(values, latent ids), each (rows, k), ReLU'd: `SAE.encode_topk_rows` with the int8 matmul."""
+        return self.sae.encode_topk_rows(x.cpu(), pre_acts=self.pre_acts)

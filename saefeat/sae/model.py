@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,13 +136,16 @@ class SAE(nn.Module):
             parts.append((rows + first, cols, z[rows, cols]))
         return _cat_rows(parts)
 
-    def encode_topk_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_topk_rows(self, x: torch.Tensor, pre_acts: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference codes of a top-k SAE for 2-D inputs: (values, latent ids), each (rows, k), ReLU'd.
 
         The latents and values of `encode_topk`, through the compiled CPU kernel where it applies (no autograd).
+        `pre_acts` replaces the encoder's matmul (the int8 step of `saefeat.onnx_sae`); the selection is the same.
         """
         self._check(x)
-        return _cat_rows([topk_relu(self.pre_acts(chunk), self.k) for _, chunk in self._row_chunks(x)])
+        pre_acts = pre_acts or self.pre_acts
+        return _cat_rows([topk_relu(pre_acts(chunk), self.k) for _, chunk in self._row_chunks(x)])
 
     def _row_chunks(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """(first row, rows) pieces of x: on CPU, small enough that each chunk's (rows x d_sae) pre-activations
