@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> dict:
                                    min_surface=float(d.min_surface), contexts_per_latent=int(d.contexts_per_latent),
                                    seed=seed, show_progress_bar=bool(cfg.embed.show_progress_bar))
             masks["dbr_sae"] = sae_masks(det, sae_rep.embedder, bench.train.texts, y["train"],
-                                         sae_rep.transform(texts["train"]), masking=masking, seed=seed,
+                                         pooling=str(e.pooling), masking=masking, seed=seed,
                                          pairs=bench.pairs, classes=classes, batch_size=int(e.batch_size),
                                          show_progress_bar=bool(e.show_progress_bar))
             mlflow.log_metrics(masks["dbr_sae"].summary("sae") | {"detect_seconds": time.time() - t,

@@ -286,51 +286,64 @@ def _gz_sample(src: Path, dst: Path, n_docs: int, chars: int) -> None:
             out.write(json.dumps({"text": json.loads(line)["text"][:chars]}) + "\n")
 
 
+# a few documents of the recipe's corpora under the names it reads, and a tiny budget: train-sae's own settings
+TRAIN_SAE_ARGS = ["train-sae", "recipe=minilm-topk-16k", "embed.show_progress_bar=false", "store.precision=fp32",
+                  "store.seq_len=64", "store.train_tokens=12288", "store.eval_tokens=1024", "store.shard_windows=16",
+                  "store.batch_windows=8", "train.bf16=false", "train.d_sae=2048", "train.k=8", "train.epochs=4",
+                  "train.batch_size=1024", "train.warmup_steps=2", "train.dead_tokens=2048",
+                  "train.checkpoint_every=4", "train.log_every=4", "train.eval_every=0", "half=false"]
+
+
+def _train_sae(root: Path, name: str) -> subprocess.Popen:
+    """`saefeat train-sae` into `root/name` on the corpus sample under `root/data`, on one thread (with two, the
+    order of the threads' partial sums varies, and two uninterrupted runs already differ by about 1e-8)."""
+    env = {"OMP_NUM_THREADS": "1", "SAEFEAT_CACHE": str(root / f"cache-{name}"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}"}
+    return saefeat_process([*TRAIN_SAE_ARGS, f"data_dir={root / 'data'}", f"runs_dir={root / name}"], env)
+
+
+@pytest.fixture(scope="module")
+def train_sae_whole(tmp_path_factory, data_dir) -> Path:
+    """A folder with the corpus sample and the uninterrupted train-sae run (`whole`) both kill -9 cases compare
+    with: the run is the same for both, so it runs once."""
+    root = tmp_path_factory.mktemp("train-sae")
+    for name in ("corpus/gutenberg_one_book_per_author.jsonl.gz", "earnings/maec_transcripts_unlabeled.jsonl.gz"):
+        _gz_sample(data_dir / name, root / "data" / name, 12, 20_000)
+    finish(_train_sae(root, "whole"))
+    return root
+
+
 @pytest.mark.parametrize("phase", ["store", "train"])
-def test_kill_9_of_train_sae_resumes_to_the_same_sae(tmp_path, data_dir, phase):
+def test_kill_9_of_train_sae_resumes_to_the_same_sae(train_sae_whole, phase):
     """`saefeat train-sae recipe=...` killed with SIGKILL while it writes its activation store, or once it has
     written its first training checkpoint; the same command again finishes with the bit-identical SAE of an
-    uninterrupted run and keeps what was done (store shards, the checkpoint's steps). One thread: with two, the
-    order of the threads' partial sums varies, and two uninterrupted runs already differ by about 1e-8."""
+    uninterrupted run and keeps what was done (store shards, the checkpoint's steps)."""
     from saefeat.sae.formats import load_sae
     from saefeat.sae.store import ActivationStore
 
-    data = tmp_path / "data"  # a few documents of the recipe's corpora, under the names the recipe reads
-    for name in ("corpus/gutenberg_one_book_per_author.jsonl.gz", "earnings/maec_transcripts_unlabeled.jsonl.gz"):
-        _gz_sample(data_dir / name, data / name, 12, 20_000)
-    common = ["train-sae", "recipe=minilm-topk-16k", f"data_dir={data}", "embed.show_progress_bar=false",
-              "store.precision=fp32", "store.seq_len=64", "store.train_tokens=12288", "store.eval_tokens=1024",
-              "store.shard_windows=16", "store.batch_windows=8", "train.bf16=false", "train.d_sae=2048",
-              "train.k=8", "train.epochs=4", "train.batch_size=1024", "train.warmup_steps=2",
-              "train.dead_tokens=2048", "train.checkpoint_every=4", "train.log_every=4", "train.eval_every=0",
-              "half=false"]
-
-    def run(name: str) -> subprocess.Popen:
-        return saefeat_process([*common, f"runs_dir={tmp_path / name}"], {"OMP_NUM_THREADS": "1"})
-
-    finish(run("whole"))
-    cut = tmp_path / "cut"
+    root, name = train_sae_whole, f"cut-{phase}"
+    cut = root / name
     manifest, checkpoint = cut / "stores" / "minilm-L3-L5-w256" / "manifest.json", \
         cut / "sae" / "minilm-L5-topk32-16k" / "checkpoint.safetensors"
     if phase == "store":
-        kill_9_when(run("cut"), lambda: manifest.is_file() and '"name"' in manifest.read_text())
+        kill_9_when(_train_sae(root, name), lambda: manifest.is_file() and '"name"' in manifest.read_text())
         assert not json.loads(manifest.read_text())["complete"] and not checkpoint.exists()
         kept = {p.name: p.stat().st_mtime_ns for p in manifest.parent.glob("shard_*/L5.npy")}
     else:
-        kill_9_when(run("cut"), checkpoint.is_file)
+        kill_9_when(_train_sae(root, name), checkpoint.is_file)
         kept = {}
     assert not (checkpoint.parent / "sae").exists()  # no SAE before training finished
-    out = finish(run("cut"))
+    out = finish(_train_sae(root, name))
     assert ("resuming" in out) == (phase == "train"), out  # training went on from the checkpoint's step
-    for name, mtime in kept.items():  # store shards written before the kill are kept, not rewritten
-        assert (manifest.parent / name / "L5.npy").stat().st_mtime_ns == mtime
-    stores = [ActivationStore(tmp_path / r / "stores" / "minilm-L3-L5-w256") for r in ("whole", "cut")]
+    for shard, mtime in kept.items():  # store shards written before the kill are kept, not rewritten
+        assert (manifest.parent / shard / "L5.npy").stat().st_mtime_ns == mtime
+    stores = [ActivationStore(root / r / "stores" / "minilm-L3-L5-w256") for r in ("whole", name)]
     assert stores[0].fingerprint == stores[1].fingerprint
-    a, b = (load_sae(tmp_path / r / "sae" / "minilm-L5-topk32-16k" / "sae") for r in ("whole", "cut"))
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(x, y), name
-    logged = [[json.loads(line)["step"] for line in (tmp_path / r / "sae" / "minilm-L5-topk32-16k" / "log.jsonl")
-               .read_text().splitlines()] for r in ("whole", "cut")]
+    a, b = (load_sae(root / r / "sae" / "minilm-L5-topk32-16k" / "sae") for r in ("whole", name))
+    for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), key
+    logged = [[json.loads(line)["step"] for line in (root / r / "sae" / "minilm-L5-topk32-16k" / "log.jsonl")
+               .read_text().splitlines()] for r in ("whole", name)]
     assert logged[0] == logged[1]  # no step logged twice by the resumed run
 
 

@@ -267,6 +267,23 @@ def test_one_pass_fills_sae_and_dense_caches(sae_path, tmp_path, monkeypatch):
     np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", ["max", "sum", "log1p_topk"])
+def test_a_token_pass_caches_the_pooled_features(sae_path, tmp_path, monkeypatch, pooling):
+    """encode_tokens_batch caches what encode and encode_dense would compute (a duplicate document once), so they
+    then run no forward pass; its token activations pool to the same rows."""
+    emb = SAEEmbedder("minilm", sae=sae_path, cache_dir=tmp_path / "c", precision="fp32")
+    docs = [*DOCS, DOCS[1]]
+    tokens = emb.encode_tokens_batch(docs)
+    monkeypatch.setattr(emb, "_compute_stats", lambda *a, **k: pytest.fail("statistics were recomputed"))
+    cached, cached_dense = _dense(emb.encode(docs, pooling=pooling)), emb.encode_dense(docs)
+    fresh = SAEEmbedder("minilm", sae=sae_path, cache_dir=False, precision="fp32")
+    np.testing.assert_allclose(cached, _dense(fresh.encode(docs, pooling=pooling)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached_dense, fresh.encode_dense(docs), rtol=1e-5, atol=1e-6)
+    if pooling == "max":
+        np.testing.assert_allclose(cached, np.stack([t.acts.toarray().max(0) for t in tokens]), rtol=1e-6)
+    assert cached.any(axis=1).all()
+
+
 def test_cli_and_api_give_the_same_embeddings_on_real_text(data_dir, tmp_path):
     """One config route: `saefeat embed` and `SAEEmbedder("minilm").encode` read the same windows of the same
     abstracts (the SAE's 256-token training window), so their rows are identical."""

@@ -159,15 +159,38 @@ class SAEEmbedder:
 
     def encode_tokens_batch(self, docs: Sequence[str], batch_size: int | None = None,
                             show_progress_bar: bool = False) -> list[TokenActivations]:
-        """Per-token latent activations of many documents; their windows share forward batches."""
+        """Per-token latent activations of many documents; their windows share forward batches.
+
+        The same pass gives the documents' pooled statistics: where the cache lacks them they are cached, so a
+        later `encode` or `encode_dense` of these documents runs no forward pass."""
         docs = _documents(docs)
-        docs_ids = self.reader.token_ids(docs)
-        parts = []
+        out: list[TokenActivations] = []
         with _progress(len(docs), "encode tokens", not show_progress_bar) as bar, self._cast_once():
-            for doc, pos, x in self.reader.batches(docs_ids, batch_size or self.config.batch_size, bar):
-                r, c, v = self._encode_sae(x)
-                keep = pos[r] >= 0  # special tokens kept by keep_special have no position in the document
-                parts.append((doc[r][keep].cpu(), pos[r][keep].cpu(), c[keep].cpu(), v[keep].float().cpu()))
+            # groups the size of a cache shard: the statistics of a group are held in memory until it is done
+            for group in _chunks(list(range(len(docs))), [len(d) for d in docs]):
+                out += self._token_pass([docs[i] for i in group], batch_size or self.config.batch_size, bar)
+        return out
+
+    @torch.no_grad()
+    def _token_pass(self, docs: list[str], batch_size: int, bar: tqdm) -> list[TokenActivations]:
+        """Token activations of `docs` from one pass of the host, caching the pooled statistics the cache lacks."""
+        docs_ids = self.reader.token_ids(docs)
+        cache = self._cache("sae")
+        hashes = [doc_hash(d) for d in docs]
+        new = {h: i for i, h in reversed(list(enumerate(hashes))) if cache is not None and h not in cache}
+        acc = StatsAccumulator(len(docs), self.host.d_model, self.d_sae, self.device) if new else None
+        parts = []
+        for doc, pos, x in self.reader.batches(docs_ids, batch_size, bar):
+            r, c, v = self._encode_sae(x)
+            if acc is not None:  # the statistics `_compute_stats` gathers, from the same codes
+                acc.add_tokens(doc, x)
+                acc.add_codes(doc[r] * self.d_sae + c, v.float(), torch.ones(len(v), device=v.device))
+            keep = pos[r] >= 0  # special tokens kept by keep_special have no position in the document
+            parts.append((doc[r][keep].cpu(), pos[r][keep].cpu(), c[keep].cpu(), v[keep].float().cpu()))
+        if acc is not None:
+            rows = list(new.values())
+            cache.put(list(new), acc.sae().take(rows))
+            self._cache("dense").put(list(new), acc.dense().take(rows))
         offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in docs_ids])]).astype(np.int64)
         if parts:
             d, p, c, v = (torch.cat(t).numpy() for t in zip(*parts))

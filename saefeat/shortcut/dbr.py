@@ -97,7 +97,9 @@ class DBRClassifier(ClassifierMixin, BaseEstimator):
         bs = self.batch_size or len(A)
         self.history_: list[dict[str, float]] = []
         for _ in range(self.epochs):
-            for idx in torch.randperm(len(A), generator=gen).split(bs):
+            # full batch: the rows as they are (a shuffled copy of the whole matrix each step cost most of the fit)
+            batches = [slice(None)] if bs >= len(A) else torch.randperm(len(A), generator=gen).split(bs)
+            for idx in batches:
                 logits = net(A[idx])
                 ce = nn.functional.cross_entropy(logits, y_t[idx])
                 reg = jsd(logits, net(B[idx])) if B is not None else torch.zeros(())

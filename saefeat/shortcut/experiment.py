@@ -24,7 +24,7 @@ from saefeat.errors import SaefeatError
 from saefeat.shortcut.attribution import BiasOnlyModel, shortcut_token_table
 from saefeat.shortcut.data import PairedDataset
 from saefeat.shortcut.dbr import DBRClassifier, DBRFineTuner
-from saefeat.shortcut.detect import ShortcutDetector, latent_positions
+from saefeat.shortcut.detect import ShortcutDetector, TokenActivationStore, latent_positions
 from saefeat.shortcut.jsd import jsd_from_log_probs
 from saefeat.shortcut.masking import MASKINGS, mask_texts
 from saefeat.shortcut.selection import (
@@ -102,22 +102,26 @@ def ig_masks(texts: list[str], y: np.ndarray, eval_texts: list[str], y_eval: np.
     return Masks(positions, weights, masked), info, shortcut_token_table(attrs, positions)
 
 
-def sae_masks(detector: ShortcutDetector, embedder: Any, texts: list[str], y: np.ndarray, X: Any, *,
+def sae_masks(detector: ShortcutDetector, embedder: Any, texts: list[str], y: np.ndarray, *, pooling: str = "max",
               masking: str = "hard", seed: int = 0, pairs: PairedDataset | None = None, classes: Sequence[str] = (),
               batch_size: int = 32, show_progress_bar: bool = False) -> Masks:
     """saefeat's extension: the tokens where the shortcut latents found by `detector` (fitted here) fire.
 
-    X: pooled SAE features of `texts`. pairs: counterfactual pairs of training texts (labels as indices into
-    `classes`), sum-pooled so that every edited mention counts.
+    The training texts are read token by token once: that pass also caches their pooled features (`pooling`),
+    which the detector ranks latents on, so detection and masking cost one forward pass over them. pairs:
+    counterfactual pairs of training texts (labels as indices into `classes`), sum-pooled so that every edited
+    mention counts.
     """
+    store = TokenActivationStore(embedder, texts)
+    store.prefetch(range(len(texts)), show_progress_bar, "training tokens")
+    X = embedder.encode(texts, batch_size, show_progress_bar, pooling=pooling)
     features = None
     if pairs is not None and len(pairs):
         features = tuple(embedder.encode(side.texts, batch_size, show_progress_bar, pooling="sum")
                          for side in (pairs.original, pairs.counterfactual))
         features += (pairs.original.y(classes), pairs.counterfactual.y(classes))
-    detector.fit(X, y, texts, embedder, pairs=features)
-    positions, weights = latent_positions(detector.store_, X, detector.shortcut_latents_,
-                                          show_progress_bar=show_progress_bar)
+    detector.fit(X, y, texts, embedder, pairs=features, store=store)
+    positions, weights = latent_positions(store, X, detector.shortcut_latents_, show_progress_bar=show_progress_bar)
     masked = mask_texts(texts, positions, embedder.host.tokenizer, masking, weights, seed)
     return Masks(positions, weights, masked)
 
