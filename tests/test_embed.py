@@ -269,11 +269,14 @@ def test_one_pass_fills_sae_and_dense_caches(sae_path, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("pooling", ["max", "sum", "log1p_topk"])
 def test_a_token_pass_caches_the_pooled_features(sae_path, tmp_path, monkeypatch, pooling):
-    """encode_tokens_batch caches what encode and encode_dense would compute (a duplicate document once), so they
-    then run no forward pass; its token activations pool to the same rows."""
+    """encode_tokens_batch(cache_pooled=True) caches what encode and encode_dense would compute (a duplicate
+    document once), so they then run no forward pass; its token activations pool to the same rows. By default it
+    caches nothing."""
     emb = SAEEmbedder("minilm", sae=sae_path, cache_dir=tmp_path / "c", precision="fp32")
     docs = [*DOCS, DOCS[1]]
-    tokens = emb.encode_tokens_batch(docs)
+    emb.encode_tokens_batch(docs)
+    assert not list((tmp_path / "c").rglob("shard-*.npz"))
+    tokens = emb.encode_tokens_batch(docs, cache_pooled=True)
     monkeypatch.setattr(emb, "_compute_stats", lambda *a, **k: pytest.fail("statistics were recomputed"))
     cached, cached_dense = _dense(emb.encode(docs, pooling=pooling)), emb.encode_dense(docs)
     fresh = SAEEmbedder("minilm", sae=sae_path, cache_dir=False, precision="fp32")

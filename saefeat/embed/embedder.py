@@ -158,26 +158,32 @@ class SAEEmbedder:
         return self.encode_tokens_batch(check_texts([doc], field="doc"), batch_size)[0]
 
     def encode_tokens_batch(self, docs: Sequence[str], batch_size: int | None = None,
-                            show_progress_bar: bool = False) -> list[TokenActivations]:
+                            show_progress_bar: bool = False, cache_pooled: bool = False) -> list[TokenActivations]:
         """Per-token latent activations of many documents; their windows share forward batches.
 
-        The same pass gives the documents' pooled statistics: where the cache lacks them they are cached, so a
-        later `encode` or `encode_dense` of these documents runs no forward pass."""
+        cache_pooled: also cache the documents' pooled statistics that the cache lacks (the same pass gives them),
+        so a later `encode` or `encode_dense` of these documents runs no forward pass."""
         docs = _documents(docs)
-        out: list[TokenActivations] = []
+        batch_size = batch_size or self.config.batch_size
         with _progress(len(docs), "encode tokens", not show_progress_bar) as bar, self._cast_once():
+            if not cache_pooled or self.cache_root is None:
+                return self._token_pass(docs, batch_size, bar, cache_pooled=False)
+            out: list[TokenActivations] = []
             # groups the size of a cache shard: the statistics of a group are held in memory until it is done
             for group in _chunks(list(range(len(docs))), [len(d) for d in docs]):
-                out += self._token_pass([docs[i] for i in group], batch_size or self.config.batch_size, bar)
-        return out
+                out += self._token_pass([docs[i] for i in group], batch_size, bar, cache_pooled=True)
+            return out
 
     @torch.no_grad()
-    def _token_pass(self, docs: list[str], batch_size: int, bar: tqdm) -> list[TokenActivations]:
-        """Token activations of `docs` from one pass of the host, caching the pooled statistics the cache lacks."""
+    def _token_pass(self, docs: list[str], batch_size: int, bar: tqdm,
+                    cache_pooled: bool) -> list[TokenActivations]:
+        """Token activations of `docs` from one pass of the host; with `cache_pooled`, the pooled statistics the
+        cache lacks are cached too."""
         docs_ids = self.reader.token_ids(docs)
         cache = self._cache("sae")
-        hashes = [doc_hash(d) for d in docs]
-        new = {h: i for i, h in reversed(list(enumerate(hashes))) if cache is not None and h not in cache}
+        new = {}  # document hash -> its first row, for the documents whose statistics are not cached yet
+        if cache_pooled:
+            new = {h: i for i, h in reversed(list(enumerate(map(doc_hash, docs)))) if h not in cache}
         acc = StatsAccumulator(len(docs), self.host.d_model, self.d_sae, self.device) if new else None
         parts = []
         for doc, pos, x in self.reader.batches(docs_ids, batch_size, bar):

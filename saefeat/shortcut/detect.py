@@ -47,15 +47,17 @@ class TokenActivationStore:
         return self._acts[i]
 
     def prefetch(self, indices: Sequence[int], show_progress_bar: bool = False, desc: str = "token activations",
-                 chunk: int = 64) -> None:
-        """Compute the activations of many texts at once (their windows share forward batches)."""
+                 chunk: int = 64, cache_pooled: bool = False) -> None:
+        """Compute the activations of many texts at once (their windows share forward batches); `cache_pooled`:
+        the embedder caches their pooled features from the same pass (`SAEEmbedder.encode_tokens_batch`)."""
         todo = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in self._acts]
         with tqdm(total=len(todo), desc=desc, unit="doc", disable=not show_progress_bar or not todo) as bar:
             for s in range(0, len(todo), chunk):
                 part = todo[s:s + chunk]
                 batch = getattr(self.embedder, "encode_tokens_batch", None)
                 docs = [self.texts[i] for i in part]
-                acts = batch(docs) if batch else [self.embedder.encode_tokens(d) for d in docs]
+                acts = batch(docs, cache_pooled=cache_pooled) if batch else [self.embedder.encode_tokens(d)
+                                                                              for d in docs]
                 self._acts.update(zip(part, acts))
                 bar.update(len(part))
 

@@ -107,13 +107,15 @@ def sae_masks(detector: ShortcutDetector, embedder: Any, texts: list[str], y: np
               batch_size: int = 32, show_progress_bar: bool = False) -> Masks:
     """saefeat's extension: the tokens where the shortcut latents found by `detector` (fitted here) fire.
 
-    The training texts are read token by token once: that pass also caches their pooled features (`pooling`),
-    which the detector ranks latents on, so detection and masking cost one forward pass over them. pairs:
+    With an embedding cache, the training texts are read token by token once: that pass also caches their pooled
+    features (`pooling`), which the detector ranks latents on, so detection and masking cost one forward pass over
+    them (without a cache, only the texts the detector reads are read token by token). pairs:
     counterfactual pairs of training texts (labels as indices into `classes`), sum-pooled so that every edited
     mention counts.
     """
     store = TokenActivationStore(embedder, texts)
-    store.prefetch(range(len(texts)), show_progress_bar, "training tokens")
+    if getattr(embedder, "cache_root", None) is not None:
+        store.prefetch(range(len(texts)), show_progress_bar, "training tokens", cache_pooled=True)
     X = embedder.encode(texts, batch_size, show_progress_bar, pooling=pooling)
     features = None
     if pairs is not None and len(pairs):
