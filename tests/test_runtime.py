@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import mlflow
 import numpy as np
@@ -96,6 +97,12 @@ def test_onnx_fp32_host_matches_torch_fp32(data_dir, onnx_root):
     ref = SAEEmbedder("minilm", cache_dir=False, precision="fp32", backend="torch")
     ort = SAEEmbedder("minilm", cache_dir=onnx_root, precision="fp32", backend="onnx")
     assert ort.runtime == Runtime("onnx", "fp32") and ort.reader._onnx is not None
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(ort.reader._onnx.path)).graph.node)
+    assert ops["Attention"] == 6 and ops["SkipLayerNormalization"] >= 6, ops  # fused, one attention per block
+    # the export traced eager attention and then gave the host back its own
+    assert ort.host.model.config._attn_implementation == ref.host.model.config._attn_implementation
     a, b = ref.encode_stats(docs, "dense"), ort.encode_stats(docs, "dense")
     np.testing.assert_array_equal(a.n_tokens, b.n_tokens)
     np.testing.assert_allclose(b.sum / b.n_tokens[:, None], a.sum / a.n_tokens[:, None], atol=2e-4)
@@ -121,6 +128,29 @@ def test_onnx_int8_host_stays_close_and_its_export_is_reused(data_dir, onnx_root
     assert not np.array_equal(ref, got)
     again = SAEEmbedder("minilm", cache_dir=onnx_root, precision="int8", pooling="mean")
     assert again.reader._onnx.path == path and path.stat().st_mtime_ns == mtime  # exported once, then read
+
+
+def test_an_export_the_optimizer_cannot_fuse_stays_unfused_and_exact(data_dir, tmp_path, monkeypatch, caplog):
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    from saefeat.hosts import load_host
+    from saefeat.onnx_host import OnnxHost
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no fusion for this graph")
+
+    monkeypatch.setattr(optimizer, "optimize_model", refuse)
+    host = load_host("minilm")
+    onnx_host = OnnxHost(host, 3, "fp32", tmp_path)
+    assert "stays unfused" in caplog.text
+    ops = Counter(n.op_type for n in onnx.load(str(onnx_host.path)).graph.node)
+    assert ops["Attention"] == 0 and ops["MatMul"] > 0, ops
+    ids, att = host.pad_batch([host.wrap(ids[:60])[0] for ids in host.tokenize(_abstracts(data_dir, 2))])
+    with torch.no_grad():
+        ref = host.residual(ids, att, 3, precision="fp32")
+    valid = att.bool()
+    torch.testing.assert_close(onnx_host.residual(ids, att)[valid], ref[valid].float(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_damaged_export_is_rebuilt(data_dir, onnx_root):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from saefeat.device import Runtime
 from saefeat.embed.windows import Window, split_windows
 from saefeat.hosts import HostModel
+from saefeat.onnx_host import EXPORT_VERSION as ONNX_EXPORT_VERSION
 from saefeat.onnx_host import OnnxHost
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class WindowReader:
             s["site"] = self.site
         if self.runtime.backend != "torch":
             s["backend"] = self.runtime.backend
+            s["onnx_export"] = ONNX_EXPORT_VERSION
         return s
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
