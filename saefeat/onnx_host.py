@@ -63,6 +63,22 @@ def _blocks_cut_after(host: HostModel, layer: int):
 
 
 @contextlib.contextmanager
+def quiet_onnx_tools():
+    """ONNX Runtime's quantizer and optimizer log each tensor they touch (to the root logger, at INFO) and a
+    standing "consider pre-processing" advice; keep both out of the user's log while they run."""
+    names = ("", "fusion_utils", "fusion_base", "onnx_model", "onnx_model_bert", "onnxruntime.transformers")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
 def _eager_attention(model: nn.Module):
     """Trace the host with eager attention (restored afterwards): its pattern is the one ONNX Runtime fuses."""
     before = getattr(model.config, "_attn_implementation", None)
@@ -86,9 +102,8 @@ def _fuse(raw: str, target: str, host: HostModel, feeds: dict[str, np.ndarray], 
     try:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        for name in ("onnxruntime.transformers", "fusion_base", "onnx_model", "onnx_model_bert"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        optimize_model(raw, model_type="bert", num_heads=heads, hidden_size=hidden).save_model_to_file(target)
+        with quiet_onnx_tools():
+            optimize_model(raw, model_type="bert", num_heads=heads, hidden_size=hidden).save_model_to_file(target)
         runs = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feeds)[0][valid]
                 for p in (raw, target)]
     except Exception as e:  # the optimizer knows BERT-like graphs; anything else stays unfused
@@ -156,8 +171,9 @@ def export_truncated(host: HostModel, layer: int, precision: str, target: Path, 
         if fresh_source or not fp32.is_file():
             export_truncated(host, layer, "fp32", fp32)
         # the fused ops are outside shape inference, so their outputs' type is given (float)
-        quantize_dynamic(str(fp32), path, weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        with quiet_onnx_tools():
+            quantize_dynamic(str(fp32), path, weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
     logger.info("exporting %s up to block %d to ONNX (%s): %s", host.name, layer, precision, target)
     atomic_write(target, write_fp32 if precision == "fp32" else write_int8)

@@ -19,7 +19,7 @@ import torch
 
 from saefeat.atomic import atomic_write
 from saefeat.errors import SaefeatError
-from saefeat.onnx_host import cpu_session
+from saefeat.onnx_host import cpu_session, quiet_onnx_tools
 from saefeat.sae.model import SAE
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def export_encoder(sae: SAE, target: Path) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = str(Path(tmp) / "encoder-fp32.onnx")
             onnx.save(model, fp32)
-            quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True)
+            with quiet_onnx_tools():
+                quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True)
 
     logger.info("quantizing the SAE encoder (%d -> %d) to int8 for ONNX Runtime: %s", sae.d_in, sae.d_sae, target)
     atomic_write(target, write)

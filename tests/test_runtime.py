@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -151,6 +152,10 @@ def test_an_export_the_optimizer_cannot_fuse_stays_unfused_and_exact(data_dir, t
         ref = host.residual(ids, att, 3, precision="fp32")
     valid = att.bool()
     torch.testing.assert_close(onnx_host.residual(ids, att)[valid], ref[valid].float(), rtol=1e-4, atol=1e-4)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        OnnxHost(host, 3, "int8", tmp_path)  # quantizing logs one line of saefeat's, none of the quantizer's chatter
+    assert [r.name for r in caplog.records] == ["saefeat.onnx_host"], [(r.name, r.getMessage()) for r in caplog.records]
 
 
 def test_a_damaged_export_is_rebuilt(data_dir, onnx_root):
