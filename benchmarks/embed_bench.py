@@ -14,8 +14,9 @@ max_seq_length.
 Two sentence-transformers baselines: its default `encode` (torch, fp32, no autocast), and the same full model
 (6 blocks, mean pooling, normalised) on ONNX Runtime int8, its best CPU backend. sentence-transformers' own
 `backend="onnx"` goes through optimum, which needs transformers<5, so the export here is saefeat's own
-(`saefeat.onnx_host`: the fused graph ONNX Runtime's optimizer makes, then the same per-channel dynamic
-quantization optimum applies). A faster export speeds this baseline and saefeat's rows alike.
+(`saefeat.embed.onnx_sentence`, which the `sentence` representation itself runs under `auto` on such CPUs: the
+fused graph of `saefeat.onnx_host`, then the same per-channel dynamic quantization optimum applies). A faster
+export speeds this baseline and saefeat's rows alike.
 
 The drift section encodes Jigsaw comments with each runtime (the int8 one twice: with the SAE step in torch fp32,
 and with its int8 encoder, `saefeat.onnx_sae`, as it runs by default) and reports, against exact torch fp32: the
@@ -66,28 +67,6 @@ def load_docs(n: int) -> list[str]:
     return docs
 
 
-class OnnxSentence:
-    """The full sentence-transformers model (every block, mean pooling, normalised) on ONNX Runtime."""
-
-    def __init__(self, host, precision: str, root: Path):
-        from saefeat.onnx_host import OnnxHost
-
-        self.host, self.limit = host, host.default_window  # its max_seq_length (256) less [CLS]/[SEP]
-        self.onnx = OnnxHost(host, host.n_layers - 1, precision, root)
-
-    def encode(self, docs: list[str], batch_size: int):
-        import torch
-
-        out = []
-        seqs = [self.host.wrap(ids[: self.limit])[0] for ids in self.host.tokenize(docs)]
-        for b in range(0, len(seqs), batch_size):
-            ids, att = self.host.pad_batch(seqs[b:b + batch_size])
-            h = self.onnx.residual(ids, att)
-            m = att.unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-        return torch.cat(out).numpy()
-
-
 class Runners:
     """The representations over the same documents: loaded once, cache off."""
 
@@ -102,7 +81,7 @@ class Runners:
         if "dense" in kinds or "sae" in kinds:
             self.emb = SAEEmbedder("minilm", sae="default", device=self.device, cache_dir=False,
                                    precision=precision, backend=backend)
-        if "sentence" in kinds:
+        if "sentence" in kinds or "sentence-onnx-int8" in kinds:
             from sentence_transformers import SentenceTransformer
 
             from saefeat.hosts import resolve_host_path
@@ -110,8 +89,9 @@ class Runners:
             self.st = SentenceTransformer(resolve_host_path("minilm")[0], device=str(self.device))
         if "sentence-onnx-int8" in kinds and self.device.type == "cpu":
             from saefeat.embed.cache import default_cache_dir
+            from saefeat.embed.onnx_sentence import OnnxSentenceEncoder
 
-            self.st_onnx = OnnxSentence(self.host, "int8", default_cache_dir())
+            self.st_onnx = OnnxSentenceEncoder(self.st, self.host, "int8", default_cache_dir())
 
     def tokens(self, kind: str, docs: list[str]) -> int:
         """Content tokens the representation reads: all of them, or up to max_seq_length for the full model."""

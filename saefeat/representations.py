@@ -36,12 +36,13 @@ def make_representation(name: str, embed: EmbedConfig | None = None,
         return SentenceVectorizer(model=baselines.sentence_model, batch_size=embed.batch_size, device=embed.device,
                                   cache_dir=embed.cache_dir if embed.cache else False,
                                   show_progress_bar=embed.show_progress_bar, precision=embed.precision,
-                                  long_docs=baselines.sentence_long_docs)
+                                  long_docs=baselines.sentence_long_docs, backend=embed.backend)
     if name == "sae_sentence":
         return SentenceSAEVectorizer(sae=baselines.sentence_sae, model=baselines.sentence_model,
                                      pooling=baselines.sentence_sae_pooling, batch_size=embed.batch_size,
                                      device=embed.device, cache_dir=embed.cache_dir if embed.cache else False,
-                                     show_progress_bar=embed.show_progress_bar, precision=embed.precision)
+                                     show_progress_bar=embed.show_progress_bar, precision=embed.precision,
+                                     backend=embed.backend)
     if name == "tfidf":
         return TfidfVectorizer(sublinear_tf=True, min_df=3, max_df=0.95, max_features=baselines.tfidf_max_features,
                                ngram_range=(1, 2), dtype=np.float32)
@@ -70,8 +71,9 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
         from saefeat.device import resolve_device
 
         rep = make_representation(name, embed, baselines)
+        rt = rep.runtime
         out = {"sentence_model": baselines.sentence_model, "device": str(resolve_device(rep.device)),
-               "backend": "torch", "precision": rep._precision()}
+               "backend": rt.backend, "precision": rt.precision}
         if name == "sae_sentence":
             sae = rep.sae_model
             out |= {"sae_id": baselines.sentence_sae, "sae_hash": sae.content_hash, "sae_k": str(sae.cfg.k),

@@ -254,3 +254,26 @@ def test_saefeats_own_store_follows_the_environment(tmp_path, monkeypatch):
         assert setup_tracking() == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_sentence_runs_on_onnx_runtime_as_sentence_transformers_does(data_dir, onnx_root):
+    from saefeat.embed.vectorizers import SentenceVectorizer
+
+    docs = _abstracts(data_dir, 10) + ["short", "a second short one"]
+    ref = SentenceVectorizer("minilm", cache_dir=False, precision="fp32")
+    assert ref.runtime == Runtime("torch", "fp32")
+    want = ref.st.encode(docs, batch_size=4, normalize_embeddings=True)
+    exact = SentenceVectorizer("minilm", cache_dir=onnx_root, precision="fp32", backend="onnx", batch_size=4)
+    assert exact.runtime == Runtime("onnx", "fp32")
+    # the model's own truncation, special tokens, mean pooling and normalization, in input order
+    np.testing.assert_allclose(exact.transform(docs), want, atol=2e-5)
+    int8 = SentenceVectorizer("minilm", cache_dir=onnx_root, precision="int8", batch_size=4)
+    assert int8.runtime == Runtime("onnx", "int8")
+    got = int8.transform(docs)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.97 and not np.allclose(got, want, atol=1e-4), cos
+    keys = [v.cache_settings() for v in (ref, exact, int8)]
+    assert keys[1]["backend"] == keys[2]["backend"] == "onnx" and "backend" not in keys[0]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3  # the runtimes never share cached vectors
+    int8.st[1].pooling_mode = "cls"  # a stack the ONNX path does not reproduce stays on sentence-transformers
+    assert int8.runtime == Runtime("torch", "bf16" if device_mod.cpu_has_native_bf16() else "fp32")

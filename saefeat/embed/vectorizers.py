@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from saefeat.device import autocast, resolve_device, resolve_precision
+from saefeat.device import Runtime, autocast, resolve_device, resolve_runtime
 from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
 from saefeat.embed.config import EmbedConfig
 from saefeat.embed.embedder import SAEEmbedder
@@ -127,9 +127,15 @@ class SentenceVectorizer(_LazyModel):
 
     def __init__(self, model: str = "minilm", batch_size: int = 32, device: str | None = None,
                  cache_dir: str | None = None, show_progress_bar: bool | None = None, precision: str = "auto",
-                 long_docs: str = "truncate"):
+                 long_docs: str = "truncate", backend: str = "auto"):
         self.model, self.batch_size, self.device, self.precision = model, batch_size, device, precision
         self.cache_dir, self.show_progress_bar, self.long_docs = cache_dir, show_progress_bar, long_docs
+        self.backend = backend
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_onnx", None)
+        return state
 
     @property
     def st(self):
@@ -179,8 +185,14 @@ class SentenceVectorizer(_LazyModel):
 
         target, _ = resolve_host_path(self.model)
         chunking = self.CHUNKING if self.long_docs == "mean" else "truncate"  # mean keeps the old cache keys
-        return {"kind": "sentence", "model": self.model, "fingerprint": _fingerprint(target, None),
-                "max_seq_length": _trained_length(target), "chunking": chunking, "precision": self._precision()}
+        rt = self.runtime
+        s = {"kind": "sentence", "model": self.model, "fingerprint": _fingerprint(target, None),
+             "max_seq_length": _trained_length(target), "chunking": chunking, "precision": rt.precision}
+        if rt.backend != "torch":  # torch keys as before, so existing caches stay valid
+            from saefeat.onnx_host import EXPORT_VERSION
+
+            s |= {"backend": rt.backend, "onnx_export": EXPORT_VERSION}
+        return s
 
     def _cache(self, **extra: Any) -> StatsCache | None:
         """The `sentence` cache, or with `extra` settings another one keyed by the same model settings."""
@@ -195,10 +207,22 @@ class SentenceVectorizer(_LazyModel):
             for c in self._chunks(text):
                 pieces.append(c)
                 owner.append(j)
-        with autocast(self.st.device, self._precision()):
-            emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
-                                 show_progress_bar=bool(self.show_progress_bar))
+        if self.runtime.backend == "onnx":
+            emb = self._onnx_encoder().encode(pieces, self.batch_size, bool(self.show_progress_bar))
+        else:
+            with autocast(self.st.device, self.runtime.precision):
+                emb = self.st.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
+                                     show_progress_bar=bool(self.show_progress_bar))
         return np.asarray(emb, np.float32), np.asarray(owner, np.int64)
+
+    def _onnx_encoder(self):
+        if getattr(self, "_onnx", None) is None:
+            from saefeat.embed.onnx_sentence import OnnxSentenceEncoder
+            from saefeat.hosts import get_host
+
+            root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+            self._onnx = OnnxSentenceEncoder(self.st, get_host(self.model, "cpu"), self.runtime.precision, root)
+        return self._onnx
 
     @staticmethod
     def _store_means(emb: np.ndarray, owner: np.ndarray, hashes: list[str], cache: StatsCache | None) -> np.ndarray:
@@ -217,9 +241,18 @@ class SentenceVectorizer(_LazyModel):
         get = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
         return int(get())
 
-    def _precision(self) -> str:
-        """sentence-transformers runs on torch: int8 (an ONNX Runtime precision) counts as auto here."""
-        return resolve_precision(resolve_device(self.device), "auto" if self.precision == "int8" else self.precision)
+    @property
+    def runtime(self) -> Runtime:
+        """What the model runs on, resolved as for `sae` (`saefeat.device.resolve_runtime`): on a CPU without native
+        bf16, `auto` runs a Transformer -> mean-pooling model on ONNX Runtime int8 (`saefeat.embed.onnx_sentence`);
+        other stacks, and int8 asked of one, run sentence-transformers on torch (int8 there reads as auto)."""
+        from saefeat.embed.onnx_sentence import onnx_stack
+
+        dev = resolve_device(self.device)
+        capable = dev.type == "cpu" and onnx_stack(self.st) and \
+            not getattr(self.st[0].auto_model.config, "is_decoder", False)
+        precision = self.precision if capable or self.precision != "int8" else "auto"
+        return resolve_runtime(dev, precision, self.backend if capable else "torch", onnx_capable=capable)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.array([f"st_{i}" for i in range(self._dim())], dtype=object)
@@ -233,8 +266,9 @@ class SentenceSAEVectorizer(SentenceVectorizer):
 
     def __init__(self, sae: str = "default", model: str = "minilm", pooling: str = "max", batch_size: int = 32,
                  device: str | None = None, cache_dir: str | None = None, show_progress_bar: bool | None = None,
-                 precision: str = "auto"):
-        super().__init__(model, batch_size, device, cache_dir, show_progress_bar, precision, long_docs="mean")
+                 precision: str = "auto", backend: str = "auto"):
+        super().__init__(model, batch_size, device, cache_dir, show_progress_bar, precision, long_docs="mean",
+                         backend=backend)
         self.sae, self.pooling = sae, pooling
 
     @property
