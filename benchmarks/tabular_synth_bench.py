@@ -65,7 +65,7 @@ def catboost_auc(train: pd.DataFrame, holdout: pd.DataFrame, schema, seed: int) 
 
     y = (train[schema.target].astype(str) == schema.minority).astype(int)
     clf = CatBoostClassifier(iterations=500, learning_rate=0.1, depth=6, random_seed=seed, verbose=0,
-                             thread_count=-1).fit(frame(train), y, cat_features=cats)
+                             thread_count=-1, allow_writing_files=False).fit(frame(train), y, cat_features=cats)
     truth = (holdout[schema.target].astype(str) == schema.minority).astype(int)
     return float(roc_auc_score(truth, clf.predict_proba(frame(holdout))[:, 1]))
 
