@@ -132,20 +132,23 @@ def pinned_all(measured: dict[str, float], expected: dict[str, float], tol: floa
         f"{k} measured {m:.4f}, pinned {v:.4f}" for k, (m, v) in moved.items())
 
 
-# Pinned with the k=48 SAE at weight decay 0.001 and λ 10 (fp32, Intel Xeon avx2 avx512_bf16 amx_bf16). The
-# pins of the selected settings (AMD EPYC) failed on this CPU by one selection flip: dbr_sae/dense 0.750 / 0.575
-# measured against 0.625 / 0.535 pinned, every other pin within tolerance. Broken variant tried on the k=32 SAE
-# (with selection): run at k=4, which moved five of its pins by 0.03 to 0.035.
+# Pinned with the k=48 SAE at weight decay 0.001 and λ 10 (fp32; Intel Xeon avx2 avx512_bf16 amx_bf16, and the
+# same within tolerance on an AMD EPYC avx2 avx512_bf16). DBR with SAE-latent tokens is not pinned by accuracy: its
+# masked copies follow the detector's cut of 10 latents, and across CPUs the same commit gave dbr_sae/dense
+# 0.600 / 0.530 (Xeon), 0.750 / 0.575 and 0.770 / 0.585 (EPYC) in-domain / counterfactual, every other pin within
+# tolerance. What DBR itself promises is checked instead: its JSD term takes the prediction off the masked tokens.
+# Broken variant tried on the k=32 SAE (with selection): run at k=4, which moved five of its pins by 0.03 to 0.035.
 SHORTCUT_PINS = {"erm/sae:in_domain": 0.770, "erm/sae:ood": 0.535, "dbr_ig/sae:in_domain": 0.745,
-                 "dbr_ig/sae:ood": 0.500, "dbr_sae/sae:in_domain": 0.755, "dbr_sae/sae:ood": 0.560,
-                 "erm/dense:in_domain": 0.710, "erm/dense:ood": 0.535, "dbr_ig/dense:in_domain": 0.715,
-                 "dbr_ig/dense:ood": 0.465, "dbr_sae/dense:in_domain": 0.600, "dbr_sae/dense:ood": 0.530}
+                 "dbr_ig/sae:ood": 0.500, "erm/dense:in_domain": 0.710, "erm/dense:ood": 0.535,
+                 "dbr_ig/dense:in_domain": 0.715, "dbr_ig/dense:ood": 0.465}
 SHORTCUT_TOL = 0.025  # 200 reviews per evaluation set: 0.025 is 5 changed predictions
+RELIANCE_CUT = 0.25   # DBR's reliance on its own masked tokens, at most this share of ERM's (measured: 0 to 0.1)
 
 
 def test_shortcut_dbr_is_pinned(data_dir):
     """The shortcut task on CAD sentiment, head mode: 400 training reviews, 200 dev and 200 counterfactual ones,
-    the three methods on `sae` and `dense`; in-domain and counterfactual accuracy of every child run."""
+    the three methods on `sae` and `dense`; in-domain and counterfactual accuracy of ERM and DBR-IG pinned, and
+    both DBR variants relying far less than ERM on the tokens they mask."""
     from saefeat.config import load_config
     from saefeat.tasks import get_task
 
@@ -156,7 +159,12 @@ def test_shortcut_dbr_is_pinned(data_dir):
                                 "head.weight_decays=[0.001]", "dbr.lambdas=[10.0]"])
     results = get_task("shortcut")(cfg)
     measured = {f"{child}:{m}": r[f"{m}_accuracy"] for child, r in results.items() for m in ("in_domain", "ood")}
-    pinned_all(measured, SHORTCUT_PINS, SHORTCUT_TOL, "CAD sentiment accuracies")
+    pinned_all({k: measured[k] for k in SHORTCUT_PINS}, SHORTCUT_PINS, SHORTCUT_TOL, "CAD sentiment accuracies")
+    for rep in ("sae", "dense"):
+        for method, kind in (("dbr_ig", "ig"), ("dbr_sae", "sae")):
+            erm, dbr = results[f"erm/{rep}"][f"reliance_{kind}"], results[f"{method}/{rep}"][f"reliance_{kind}"]
+            assert erm > 0.01, f"erm/{rep} barely relies on the {kind} tokens ({erm:.4f}): nothing for DBR to remove"
+            assert dbr <= RELIANCE_CUT * erm, f"{method}/{rep}: reliance {dbr:.4f} against ERM's {erm:.4f}"
 
 
 # Pinned with the k=48 SAE (fp32, AMD EPYC avx2 avx512_bf16; the k=32 SAE: sae 0.8980). Broken variant tried on
