@@ -267,7 +267,7 @@ def test_one_pass_fills_sae_and_dense_caches(sae_path, tmp_path, monkeypatch):
     np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pooling", ["max", "sum", "log1p_topk"])
+@pytest.mark.parametrize("pooling", ["max", "sqrt_max", "sum", "log1p_topk"])
 def test_a_token_pass_caches_the_pooled_features(sae_path, tmp_path, monkeypatch, pooling):
     """encode_tokens_batch(cache_pooled=True) caches what encode and encode_dense would compute (a duplicate
     document once), so they then run no forward pass; its token activations pool to the same rows. By default it
@@ -282,8 +282,9 @@ def test_a_token_pass_caches_the_pooled_features(sae_path, tmp_path, monkeypatch
     fresh = SAEEmbedder("minilm", sae=sae_path, cache_dir=False, precision="fp32")
     np.testing.assert_allclose(cached, _dense(fresh.encode(docs, pooling=pooling)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cached_dense, fresh.encode_dense(docs), rtol=1e-5, atol=1e-6)
-    if pooling == "max":
-        np.testing.assert_allclose(cached, np.stack([t.acts.toarray().max(0) for t in tokens]), rtol=1e-6)
+    if pooling in ("max", "sqrt_max"):  # sqrt_max: the square root of each latent's strongest token
+        token_max = np.stack([t.acts.toarray().max(0) for t in tokens])
+        np.testing.assert_allclose(cached, token_max if pooling == "max" else np.sqrt(token_max), rtol=1e-6)
     assert cached.any(axis=1).all()
 
 

@@ -51,9 +51,10 @@ def test_toxicity_probe_roc_auc_is_pinned(toxicity_split, representation):
     pinned(auc, TOXICITY_PINS[representation], TOXICITY_TOL, f"toxicity ROC-AUC of {representation}")
 
 
-# Pinned with the k=48 SAE (the k=32 one: 0.8554). Broken variant tried on the k=32 SAE: run at k=4 (sae 0.772).
-# BM25 needs no model: its pin checks the sample and the scoring.
-RETRIEVAL_PINS = {"sae": 0.8429, "bm25": 0.8203}
+# Pinned with the k=48 SAE and the task's sqrt_max pooling (fp32, AMD EPYC avx2 avx512_bf16; max pooling: 0.8429,
+# the k=32 SAE with max: 0.8554). Broken variant tried on the k=32 SAE: run at k=4 (sae 0.772). BM25 needs no model:
+# its pin checks the sample and the scoring.
+RETRIEVAL_PINS = {"sae": 0.8635, "bm25": 0.8203}
 RETRIEVAL_TOL = {"sae": 0.03,  # about one bootstrap standard deviation of nDCG@10 over 60 queries
                  "bm25": 0.002}  # exact code on exact data: only a changed sample or scorer moves it
 

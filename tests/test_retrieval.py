@@ -211,6 +211,7 @@ def test_index_and_search_commands(corpus, cache_dir, tmp_path):
                               f"embed.cache_dir={cache_dir}", "embed.show_progress_bar=false"])
     assert res.exit_code == 0, res.output
     assert "indexed 30 documents" in res.output
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["pooling"] == "sqrt_max"  # retrieval's pick
     pos = tmp_path / "pos.txt"
     pos.write_text("\n".join(_plant(texts[i]) for i in (5, 100, 160, 190)) + "\n")
     res = runner.invoke(app, ["search", "idx", f"examples={pos}", "k=3"], env={"COLUMNS": "200"})

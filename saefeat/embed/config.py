@@ -29,8 +29,8 @@ class EmbedConfig:
         sae: `default` (the SAE shipped for the host), a folder in any supported layout, or None (no SAE: the
             dense side only).
         layer: block to read; None = where the SAE was trained (for no SAE: the last block).
-        pooling: max, mean, sum, count, binary, topk or log1p_topk (see `saefeat.embed.pooling.pool`); pool_k:
-            latents kept per document by `topk` and `log1p_topk`.
+        pooling: max, sqrt_max, mean, sum, count, binary, topk or log1p_topk (see `saefeat.embed.pooling.pool`);
+            pool_k: latents kept per document by `topk` and `log1p_topk`.
         sae_k: the k of a TopK SAE at inference (None = its trained k).
         window: content tokens per forward pass; None = the SAE's training window, else the host's default.
         overlap: tokens shared between neighbouring windows.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-SPARSE_POOLINGS = ("max", "mean", "sum", "count", "binary", "topk", "log1p_topk")
+SPARSE_POOLINGS = ("max", "sqrt_max", "mean", "sum", "count", "binary", "topk", "log1p_topk")
 DENSE_POOLINGS = ("mean", "max", "sum")
 
 
@@ -78,16 +78,20 @@ def topk_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
 def pool(stats: TokenStats, pooling: str = "max", k: int = 64) -> sp.csr_matrix | np.ndarray:
     """Pool document statistics: a float32 CSR matrix for SAE latents, a dense array for dense features.
 
-    max: strongest activation; mean: token-weighted mean; sum: total; count: number of tokens where a
-    latent fires; binary: fires anywhere; topk: the max-pooled vector cut to its k strongest latents;
-    log1p_topk: sum over tokens of log(1 + a) (SPLADE's saturation: a latent firing strongly on many tokens
-    grows slowly), cut to its k largest latents. A document with no tokens (empty text) pools to an all-zero row.
+    max: strongest activation; sqrt_max: its square root (a saturating weight, as BM25 dampens term counts: one
+    very strong latent no longer outweighs several moderate ones in a cosine); mean: token-weighted mean; sum:
+    total; count: number of tokens where a latent fires; binary: fires anywhere; topk: the max-pooled vector cut to
+    its k strongest latents; log1p_topk: sum over tokens of log(1 + a) (SPLADE's saturation: a latent firing
+    strongly on many tokens grows slowly), cut to its k largest latents. A document with no tokens (empty text)
+    pools to an all-zero row.
     """
     valid = SPARSE_POOLINGS if stats.sparse else DENSE_POOLINGS
     if pooling not in valid:
         raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(valid)}")
     if pooling == "max":
         out = stats.max
+    elif pooling == "sqrt_max":
+        out = stats.max.sqrt()  # SAE codes are >= 0
     elif pooling == "sum":
         out = stats.sum
     elif pooling == "mean":
