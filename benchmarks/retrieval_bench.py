@@ -308,14 +308,15 @@ def bench_speed(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="scifact,property,speed")
-    p.add_argument("--pooling", default="max", help="pooling of the indexed SAE vectors (scifact and property)")
+    p.add_argument("--pooling", default="sqrt_max", help="pooling of the indexed SAE vectors (scifact and property)")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--n-examples", type=int, default=10)
     p.add_argument("--n-latents", type=int, default=16, help="latents of a `latents` property")
     p.add_argument("--property-method", default="classifier", choices=["classifier", "latents"])
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--n-encode", type=int, default=50)
-    p.add_argument("--speed-poolings", default="max,topk,log1p_topk", help="speed: poolings of the timed indexes")
+    p.add_argument("--speed-poolings", default="sqrt_max,max,topk,log1p_topk",
+                   help="speed: poolings of the timed indexes (with the task's default, summarised at the end)")
     p.add_argument("--speed-dense", default="sentence", help="speed: dense side of the timed index")
     p.add_argument("--override", action="append", default=[], help="config override for every section, key=value")
     args = p.parse_args()
