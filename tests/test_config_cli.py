@@ -33,7 +33,7 @@ def test_sae_means_the_same_in_every_command(kind):
     ("embed.max_tokens=-3", "embed.max_tokens must be an integer >= 1 or null"),
     ("embed.window=0", "embed.window must be an integer >= 1 or null"),
     ("embed.sae_k=-1", "embed.sae_k must be an integer >= 1 or null"),
-    ("embed.pooling=median", "embed.pooling must be one of max, mean"),
+    ("embed.pooling=median", "embed.pooling must be one of max, sqrt_max, mean"),
     ("embed.batch_size=abc", "bad value for 'embed.batch_size'"),
     ("embed.k=8", "config key 'embed.k' is now embed.pool_k"),
     ("sae.path=x", "config key 'sae.path' is now sae"),
