@@ -81,8 +81,9 @@ class SAEIndex:
     """
 
     def __init__(self, embedder: Any, postings: sp.spmatrix, ids: Sequence[str], texts: Sequence[str],
-                 pooling: str = "max", k: int = 64, dense: DenseSide | None = None, dense_kind: str | None = None,
-                 sentence_model: str = "minilm", sae_spec: str | None = None, batch_size: int = 32):
+                 pooling: str = RETRIEVAL_POOLING, k: int = 64, dense: DenseSide | None = None,
+                 dense_kind: str | None = None, sentence_model: str = "minilm", sae_spec: str | None = None,
+                 batch_size: int = 32):
         if pooling not in SPARSE_POOLINGS:
             raise SaefeatError(f"unknown pooling {pooling!r}; valid: {', '.join(SPARSE_POOLINGS)}")
         self.embedder, self.pooling, self.k = embedder, pooling, int(k)
