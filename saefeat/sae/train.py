@@ -131,7 +131,7 @@ class Objective:
     dead_tokens: int = 1_000_000
     prefixes: list[int] | None = None  # Matryoshka: nested dictionary sizes, the last = d_sae
     threshold_beta: float = 0.999  # EMA of the smallest selected activation (BatchTopK inference threshold)
-    candidates: int = 4  # BatchTopK: each token's top candidates*k latents compete in the batch (grown if full)
+    candidates: int = 4  # BatchTopK: the top candidates*k latents of each token bound the batch threshold from below
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -175,20 +175,19 @@ class SAETrainer:
         if self.obj.architecture == "topk":
             idx = pre.topk(k, dim=-1, sorted=False).indices
             return torch.arange(n, device=pre.device).repeat_interleave(k), idx.reshape(-1)
+        # the batch's k*B largest positive values, exactly: every token's top `candidates * k` hold k*B values, so
+        # the (k*B)-th largest of them is a lower bound of the batch's (k*B)-th largest; the values above that bound
+        # are read from the whole batch, and the k*B largest of them kept
         m = min(d_sae, self.obj.candidates * k)
-        while True:
-            cand_vals, cand_idx = pre.topk(m, dim=-1, sorted=False)
-            cand_vals = F.relu(cand_vals)
-            flat = cand_vals.reshape(-1).float()
-            top = flat.topk(min(k * n, flat.numel()), sorted=False).indices
-            chosen = torch.zeros_like(flat, dtype=torch.bool)
-            chosen[top] = True
-            chosen = chosen.view(n, m) & (cand_vals > 0)
-            if m == d_sae or not chosen.all(1).any():  # a token whose candidates all won may have had more
-                break
-            m = min(d_sae, 2 * m)
-        rows, cols = chosen.nonzero(as_tuple=True)
-        return rows, cand_idx[rows, cols]
+        cand = pre.topk(m, dim=-1, sorted=False).values.reshape(-1).float()
+        want = min(k * n, cand.numel())
+        bound = cand.topk(want, sorted=False).values.min()
+        above = pre >= bound if bound > 0 else pre > 0
+        rows, cols = above.nonzero(as_tuple=True)
+        if len(rows) > want:
+            keep = pre[rows, cols].float().topk(want, sorted=False).indices.sort().values  # rows stay sorted
+            rows, cols = rows[keep], cols[keep]
+        return rows, cols
 
     def _encode_pairs(self, xc: torch.Tensor, w_t: torch.Tensor, rows: torch.Tensor,
                       latents: torch.Tensor) -> torch.Tensor:
@@ -211,14 +210,19 @@ class SAETrainer:
         total_var = (target - target.mean(0)).pow(2).sum()
         stats: dict[str, float] = {}
         if obj.architecture == "matryoshka":
-            bounds = [0, *(obj.prefixes or default_prefixes(sae.d_sae))]
-            recon = sae.b_dec.expand(n, -1)
-            fvus = []
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                part = vals * ((latents >= lo) & (latents < hi))
-                recon = recon + F.embedding_bag(latents, sae.W_dec, offsets, per_sample_weights=part, mode="sum")
-                fvus.append((target - recon).pow(2).sum() / total_var)
-            loss = torch.stack(fvus).mean()  # every nested prefix reconstructs; the mean keeps the LR's scale
+            # one decode for every nested prefix: the pairs of each prefix's new latents form their own bags
+            # (level g of token r is bag g*n + r); cumulative sums over the levels give each prefix's reconstruction
+            ends = torch.tensor((obj.prefixes or default_prefixes(sae.d_sae))[:-1], device=x.device)
+            levels = len(ends) + 1
+            bag = torch.bucketize(latents, ends, right=True) * n + rows
+            order = torch.argsort(bag, stable=True)
+            starts = torch.zeros(levels * n, dtype=torch.long, device=x.device)
+            starts[1:] = torch.bincount(bag, minlength=levels * n).cumsum(0)[:-1]
+            parts = F.embedding_bag(latents[order], sae.W_dec, starts, per_sample_weights=vals[order], mode="sum")
+            prefix_recon = sae.b_dec + parts.view(levels, n, -1).cumsum(0)
+            fvus = (target - prefix_recon).pow(2).sum((1, 2)) / total_var
+            recon = prefix_recon[-1]
+            loss = fvus.mean()  # every nested prefix reconstructs; the mean keeps the LR's scale
             fvu = fvus[-1]
             stats["fvu_smallest_prefix"] = fvus[0].item()
         else:
