@@ -17,6 +17,7 @@ from saefeat.detox.filter import ToxicityFilter, choose_threshold
 from saefeat.detox.generation import generate, prompt_ids
 from saefeat.detox.latents import rank_toxic_latents
 from saefeat.detox.steering import SAELatentClamp, active_hooks, steer
+from saefeat.errors import SaefeatError
 from saefeat.sae import SAE, SAEConfig, load_sae
 
 LAYER = 9
@@ -207,6 +208,30 @@ def test_filter_round_trips_through_save_and_load(representation, comments, tmp_
         settings.write_text(settings.read_text().replace(filt.fingerprint_["sae"], "0123456789abcdef"))
         with pytest.raises(ValueError, match="weights do not apply"):
             ToxicityFilter.load(path)
+
+
+def test_a_c_grid_is_chosen_by_cross_validation_on_the_training_texts(comments, tmp_path):
+    """With a grid, the filter takes the C that stratified 5-fold CV on its training texts scores best (ROC-AUC),
+    refitted on all of them: the C a direct cross-validation of each value picks, and the weights of a filter
+    fitted at that C; the grid travels with the saved settings. A bad grid is refused by name."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.preprocessing import MaxAbsScaler
+
+    texts, y = comments
+    grid = [0.01, 0.1, 1.0, 10.0]
+    filt = ToxicityFilter("tfidf", None, C=grid, target="recall", target_value=0.7).fit(texts, y)
+    Xs = MaxAbsScaler().fit_transform(filt.transform(texts))
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    cv = [cross_val_score(LogisticRegression(C=c, class_weight="balanced", max_iter=2000), Xs, y, cv=folds,
+                          scoring="roc_auc").mean() for c in grid]
+    assert len(set(np.round(cv, 6))) > 1 and grid[int(np.argmax(cv))] == filt.C_  # the grid matters here
+    fixed = ToxicityFilter("tfidf", None, C=filt.C_, target="recall", target_value=0.7).fit(texts, y)
+    np.testing.assert_allclose(fixed.decision_function(texts), filt.decision_function(texts), rtol=1e-6)
+    assert ToxicityFilter.load(filt.save(tmp_path / "f")).get_params()["C"] == grid
+    for bad in ([], [0.1, -1.0], "strong"):
+        with pytest.raises(SaefeatError, match="C must be a positive number"):
+            ToxicityFilter("tfidf", None, C=bad).fit(texts, y)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------

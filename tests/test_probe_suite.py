@@ -50,9 +50,14 @@ def _sides(cfg, **changes):
 
 def test_quick_sizes_yield_to_explicit_overrides(data_dir):
     cfg = probe_config(["quick=true", f"data_dir={data_dir}", "toxicity.max_comments=77"])
-    assert cfg.toxicity.max_comments == 77 and cfg.sentiment.max_train == cfg.quick_sizes.sentiment.max_train
-    assert probe_config([f"data_dir={data_dir}"]).sentiment.max_train == 800  # no quick: the defaults
+    assert cfg.toxicity.max_comments == 77 and cfg.sentiment.max_pairs == cfg.quick_sizes.sentiment.max_pairs
+    full = probe_config([f"data_dir={data_dir}"])  # no quick: the defaults
+    assert full.sentiment.max_pairs is None and len(full.sentiment.C) > 1 and len(full.toxicity.C) > 1
     from saefeat.config import ConfigError
+
+    for bad in ("sentiment.C=[]", "toxicity.C=-1", "sentiment.C=[0.1,abc]"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            probe_config([f"data_dir={data_dir}", bad])
 
     with pytest.raises(ConfigError, match="unknown.*valid: core"):
         probe_config([f"data_dir={data_dir}", "probes=[core,nope]"])
@@ -128,13 +133,38 @@ def test_retrieval_probe_ndcg_equals_a_direct_computation(shared):
         m["sae"]["hybrid_ndcg_at_10"] - m[LEXICAL]["ndcg_at_10"])
 
 
-def test_sentiment_and_property_probes_give_sensible_values(shared):
+def test_sentiment_probe_is_cross_fitted_on_originals_only(shared):
+    """Every pair is scored once, out of fold, by a probe fitted on the other folds' originals: the accuracies
+    equal a direct computation with the same folds, the C each fold picks by inner CV is from the grid, and no
+    counterfactual is ever fitted on (a probe fitted on them as well scores them higher)."""
     _, cfg, data = shared
     sides = _sides(cfg)
     sent = run_probe("sentiment", cfg, data, sides)
-    for side in sent.metrics.values():
-        assert 0 <= side["in_domain_accuracy"] <= 1 and 0 <= side["counterfactual_accuracy"] <= 1
-    assert np.mean([m["in_domain_accuracy"] for m in sent.metrics.values()]) > 0.6  # 20 dev reviews: above chance
+    (texts, y), (cf_texts, y_cf) = data["sentiment"]["originals"], data["sentiment"]["counterfactuals"]
+    assert len(texts) == len(cf_texts) == cfg.sentiment.max_pairs and (y != y_cf).all()  # each edit flips its label
+    assert np.mean([m["in_domain_accuracy"] for m in sent.metrics.values()]) > 0.6  # 60 reviews: above chance
+    assert sent.extra["n_pairs"] == len(texts) and all(sent.extra[f"{s.name}/C"] in cfg.sentiment.C for s in sides)
+    from sklearn.model_selection import StratifiedKFold
+
+    from saefeat.evaluation.probes import linear_probe
+
+    rep = sides[1].transformer()  # dense
+    X, Xc = rep.fit_transform(texts), rep.transform(cf_texts)
+    p, pc, pc_leaky = np.empty_like(y), np.empty_like(y), np.empty_like(y)
+    for tr, te in StratifiedKFold(int(cfg.sentiment.n_folds), shuffle=True, random_state=int(cfg.seed)).split(X, y):
+        clf = linear_probe(X[tr], y[tr], tuple(cfg.sentiment.C), seed=int(cfg.seed))
+        p[te], pc[te] = clf.predict(X[te]), clf.predict(Xc[te])
+        leaky = linear_probe(np.vstack([X[tr], Xc[tr]]), np.concatenate([y[tr], y_cf[tr]]), 1.0)
+        pc_leaky[te] = leaky.predict(Xc[te])
+    m = sent.metrics["dense"]
+    assert m["in_domain_accuracy"] == pytest.approx(np.mean(p == y))
+    assert m["counterfactual_accuracy"] == pytest.approx(np.mean(pc == y_cf))
+    assert np.mean(pc_leaky == y_cf) > m["counterfactual_accuracy"]
+
+
+def test_property_probe_gives_sensible_values(shared):
+    _, cfg, data = shared
+    sides = _sides(cfg)
     props = run_probe("properties", cfg, data, sides)
     for name, m in props.metrics.items():
         assert 0 < m["mean_ap"] <= 1, name

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -26,7 +27,9 @@ from saefeat.config import ConfigError, baseline_config, embed_config, load_conf
 from saefeat.data import read_table
 from saefeat.detox.data import load_labelled_comments, stratified_cap
 from saefeat.embed.vectorizers import get_embedder
+from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun, print_table, widen_when_piped
+from saefeat.evaluation.model_selection import check_regularization
 from saefeat.evaluation.probes import (
     SIDES,
     ProbeResult,
@@ -42,7 +45,7 @@ from saefeat.evaluation.probes import (
 )
 from saefeat.retrieval.evaluation import load_beir, subset
 from saefeat.sae.activations import CorpusSource, sample_windows
-from saefeat.shortcut.data import load_benchmark
+from saefeat.shortcut.data import load_cad_sentiment_pairs
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -65,6 +68,11 @@ def probe_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"probes: unknown {bad}; valid: {', '.join(PROBES)}")
     if cfg.embed.sae is None:
         raise ConfigError("probe-sae scores an SAE: give sae=default or sae=PATH, not null")
+    for key in ("toxicity.C", "sentiment.C"):
+        try:
+            check_regularization(OmegaConf.select(cfg, key), key)
+        except SaefeatError as err:
+            raise ConfigError(str(err)) from None
     return cfg
 
 
@@ -87,14 +95,19 @@ def _comments(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _sentiment(cfg: DictConfig) -> dict[str, Any]:
+    """CAD's original reviews with their counterfactual edits, train and dev pairs pooled (the test files are
+    held out), capped at `max_pairs` (stratified)."""
     s = cfg.sentiment
-    bench = load_benchmark("cad_sentiment", cfg.data_dir, use_pairs=False).sample(s.max_train, s.max_eval,
-                                                                                  int(cfg.seed))
-    cf = bench.ood["counterfactual"]
-    return {"train": (bench.train.texts, bench.train.y(bench.classes)),
-            "evals": {"in_domain": (bench.in_domain.texts, bench.in_domain.y(bench.classes)),
-                      "counterfactual": (cf.texts, cf.y(bench.classes))},
-            "classes": bench.classes}
+    root = Path(cfg.data_dir) / "shortcut"
+    pairs = [load_cad_sentiment_pairs(root, split) for split in ("train", "dev")]
+    classes = sorted(set(pairs[0].original.labels))
+    originals = [t for p in pairs for t in p.original.texts]
+    counterfactuals = [t for p in pairs for t in p.counterfactual.texts]
+    y_in = np.concatenate([p.original.y(classes) for p in pairs])
+    y_cf = np.concatenate([p.counterfactual.y(classes) for p in pairs])
+    keep, _ = stratified_cap(list(range(len(originals))), y_in, s.max_pairs, int(cfg.seed))
+    return {"originals": ([originals[i] for i in keep], y_in[keep]),
+            "counterfactuals": ([counterfactuals[i] for i in keep], y_cf[keep]), "classes": classes}
 
 
 def _scifact(cfg: DictConfig) -> Any:
@@ -149,19 +162,19 @@ def run_probe(name: str, cfg: DictConfig, data: dict[str, Any], sides: list[Side
     if name == "toxicity":
         t, d = cfg.toxicity, data["comments"]
         return toxicity_probe(d["texts"], d["y"], sides, calib_fraction=float(t.calib_fraction),
-                              val_fraction=float(t.val_fraction), toxic_rate=float(t.toxic_rate), C=float(t.C),
-                              n_boot=n_boot, seed=seed, source=str(t.path))
+                              val_fraction=float(t.val_fraction), toxic_rate=float(t.toxic_rate),
+                              C=check_regularization(t.C), n_boot=n_boot, seed=seed, source=str(t.path))
     if name == "sentiment":
         d = data["sentiment"]
-        return sentiment_probe(*d["train"], d["evals"], sides, C=float(cfg.sentiment.C), n_boot=n_boot, seed=seed)
+        return sentiment_probe(*d["originals"], *d["counterfactuals"], sides, n_folds=int(cfg.sentiment.n_folds),
+                               C=check_regularization(cfg.sentiment.C), n_boot=n_boot, seed=seed)
     if name == "scifact":
         s = cfg.scifact
         return retrieval_probe(data["scifact"], sides, alpha=float(s.alpha), hybrid_dense=str(s.hybrid_dense),
                                depth=int(s.depth), n_boot=n_boot, seed=seed, show_progress_bar=bar)
     if name == "properties":
         p, c, s = cfg.properties, data["comments"], data["sentiment"]
-        cad_texts = list(s["train"][0]) + list(s["evals"]["in_domain"][0])
-        cad_y = np.concatenate([s["train"][1], s["evals"]["in_domain"][1]])
+        cad_texts, cad_y = s["originals"]
         corpora = {"jigsaw": (c["texts"], c["subtypes"]),
                    "cad": (cad_texts, {label: cad_y == i for i, label in enumerate(s["classes"])})}
         return property_probe(corpora, sides, n_examples=int(p.n_examples), draws=int(p.draws),

@@ -20,7 +20,6 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 
@@ -29,6 +28,7 @@ from saefeat.atomic import replace_dir
 from saefeat.data import check_texts
 from saefeat.embed.config import BaselineConfig, EmbedConfig
 from saefeat.errors import MissingFileError, OutputExistsError, SaefeatError
+from saefeat.evaluation.model_selection import check_regularization, fit_logistic
 from saefeat.representations import REPRESENTATIONS, make_representation
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         representation: the feature space (see `saefeat.make_representation`).
         representation_params: its settings, JSON-able: {"embed": EmbedConfig fields, "baselines":
             BaselineConfig fields}, either part optional (see `representation_settings`).
-        C, max_iter: of the logistic regression (features are max-abs scaled if sparse, else standardised).
+        C, max_iter: of the logistic regression (features are max-abs scaled if sparse, else standardised); `C` may
+            be a grid, from which stratified 5-fold cross-validation on the training texts picks one (ROC-AUC;
+            `C_` is the value used).
         target, target_value: the threshold is chosen on calibration data for this precision or recall.
         prior: toxic base rate at which precision is computed (default: the calibration data's own rate).
 
@@ -87,8 +89,8 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, representation: str = "sae", representation_params: dict[str, Any] | None = None,
-                 C: float = 1.0, max_iter: int = 2000, target: str = "precision", target_value: float = 0.9,
-                 prior: float | None = None):
+                 C: float | Sequence[float] = 1.0, max_iter: int = 2000, target: str = "precision",
+                 target_value: float = 0.9, prior: float | None = None):
         self.representation, self.representation_params = representation, representation_params
         self.C, self.max_iter = C, max_iter
         self.target, self.target_value, self.prior = target, target_value, prior
@@ -119,6 +121,7 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
             calib_labels: Sequence[int] | None = None) -> ToxicityFilter:
         """Fit the classifier; choose the threshold on (calib_texts, calib_labels) when given, else use 0.5."""
         self._check_settings()
+        check_regularization(self.C)
         texts, y = self._check_xy(texts, labels, "training data")
         if calib_texts is not None:
             calib_texts, calib_y = self._check_xy(calib_texts, calib_labels, "calibration data")
@@ -126,7 +129,8 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         X = self.representation_.fit_transform(texts)
         scaler = MaxAbsScaler() if sp.issparse(X) else StandardScaler()
         Xs = scaler.fit_transform(X)
-        lr = LogisticRegression(C=self.C, max_iter=self.max_iter, class_weight="balanced").fit(Xs, y)
+        lr = fit_logistic(Xs, y, self.C, max_iter=self.max_iter)
+        self.C_ = float(lr.C)
         scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
         self.coef_ = lr.coef_.ravel() / scale
         mean = getattr(scaler, "mean_", None)  # w.(x - m)/s + b = (w/s).x + b - (w/s).m

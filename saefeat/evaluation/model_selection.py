@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,9 +12,39 @@ import scipy.sparse as sp
 from lightgbm import LGBMClassifier, LGBMRegressor
 from sklearn.feature_selection import SelectFromModel, SelectKBest, VarianceThreshold, f_classif
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler, StandardScaler
+
+from saefeat.errors import SaefeatError
+
+Regularization = float | Sequence[float]
+
+
+def check_regularization(C: Any, what: str = "C") -> float | tuple[float, ...]:
+    """`C` as a float, or a grid of candidate values as a tuple of floats (every value positive)."""
+    values = [C] if isinstance(C, (int, float)) else list(C)
+    try:
+        values = [float(c) for c in values]
+    except (TypeError, ValueError):
+        raise SaefeatError(f"{what} must be a positive number or a list of them, got {C!r}") from None
+    if not values or any(not c > 0 for c in values):
+        raise SaefeatError(f"{what} must be a positive number or a non-empty list of them, got {C!r}")
+    return values[0] if isinstance(C, (int, float)) else tuple(values)
+
+
+def fit_logistic(X, y, C: Regularization = 1.0, *, cv: int = 5, scoring: str = "roc_auc", seed: int = 0,
+                 max_iter: int = 2000) -> LogisticRegression:
+    """A class-balanced logistic regression fitted on (X, y): at a fixed `C`, or with `C` a grid, at the value of
+    the grid that scores best (`scoring`) in stratified `cv`-fold cross-validation on these rows, refitted on all
+    of them. A grid lets every representation take the regularization that suits it; `.C` is the value used."""
+    C = check_regularization(C)
+    model = LogisticRegression(C=C if isinstance(C, float) else 1.0, max_iter=max_iter, class_weight="balanced")
+    if isinstance(C, float):
+        return model.fit(X, y)
+    search = GridSearchCV(model, {"C": list(C)}, scoring=scoring, refit=True,
+                          cv=StratifiedKFold(cv, shuffle=True, random_state=seed))
+    return search.fit(X, y).best_estimator_
 
 
 def _lgbm(cls, seed: int, n_jobs: int = 1, **kw):

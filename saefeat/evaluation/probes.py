@@ -5,8 +5,8 @@ last block) and `sentence` (the sentence-transformers model).
 Every probe returns a `ProbeResult`: per side its metrics (with bootstrap 95% intervals where they have one), and the
 SAE's gap to each baseline with a paired bootstrap interval (the same resampled rows, queries or draws for both
 sides). No held-back test split is read: toxicity is scored on a validation split of the balanced Jigsaw comments
-subsampled to the natural toxic rate, sentiment on CAD's dev files, SciFact on its train queries, and earnings by
-grouped time-series CV on the training calls of the task's temporal split.
+subsampled to the natural toxic rate, sentiment by cross-fitting over CAD's train and dev pairs, SciFact on its train
+queries, and earnings by grouped time-series CV on the training calls of the task's temporal split.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import TransformerMixin
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 
 from saefeat.detox.data import split_comments
@@ -31,7 +31,7 @@ from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.vectorizers import get_embedder
 from saefeat.errors import SaefeatError
 from saefeat.evaluation.metrics import average_precision, bootstrap, roc_auc
-from saefeat.evaluation.model_selection import fit_search
+from saefeat.evaluation.model_selection import Regularization, fit_logistic, fit_search
 from saefeat.representations import make_representation
 from saefeat.retrieval.dense import DenseRetriever, normalize
 from saefeat.retrieval.evaluation import BM25, BeirData, per_query_scores, retrieval_report, to_run
@@ -134,18 +134,21 @@ def _merge(into: dict[str, dict[str, float]], more: dict[str, dict[str, float]])
 
 # ---- toxicity ---------------------------------------------------------------------------------------------
 def toxicity_probe(texts: Sequence[str], y: np.ndarray, sides: Sequence[Side], *, calib_fraction: float = 0.15,
-                   val_fraction: float = 0.35, toxic_rate: float = 0.08, C: float = 1.0, max_iter: int = 2000,
-                   n_boot: int = 1000, seed: int = 0, source: str = "the comments") -> ProbeResult:
+                   val_fraction: float = 0.35, toxic_rate: float = 0.08, C: Regularization = 1.0,
+                   max_iter: int = 2000, n_boot: int = 1000, seed: int = 0,
+                   source: str = "the comments") -> ProbeResult:
     """A `ToxicityFilter` per side, its threshold chosen on a calibration split for precision 0.8 at `toxic_rate`;
-    ROC-AUC and AP (`pr_auc`) on a validation split subsampled to that natural rate (`split_comments`)."""
+    ROC-AUC and AP (`pr_auc`) on a validation split subsampled to that natural rate (`split_comments`). With `C` a
+    grid, each side takes its own value by cross-validation on the training split (`<side>/C` in `extra`)."""
     y = np.asarray(y).astype(int)
     train, calib, val = split_comments(y, calib_fraction, val_fraction, toxic_rate, seed, source)
     pick = lambda rows: [texts[i] for i in rows]  # noqa: E731
-    metrics, scores = {}, {}
+    metrics, scores, chosen = {}, {}, {}
     for side in sides:
         filt = ToxicityFilter(side.representation, representation_settings(side.embed, side.baselines), C=C,
                               max_iter=max_iter, target="precision", target_value=0.8, prior=toxic_rate)
         filt.fit(pick(train), y[train], pick(calib), y[calib])
+        chosen[f"{side.name}/C"] = filt.C_
         scores[side.name] = filt.predict_proba(pick(val))[:, 1]
         metrics[side.name] = filter_report(y[val], scores[side.name], filt.threshold_, n_boot, seed)
     yv = y[val]
@@ -153,36 +156,55 @@ def toxicity_probe(texts: Sequence[str], y: np.ndarray, sides: Sequence[Side], *
     _merge(gaps, paired_gaps(lambda t, s: average_precision(t == 1, s), yv, scores, "pr_auc", n_boot, seed))
     return ProbeResult(metrics, gaps, ("roc_auc", "pr_auc"),
                        extra={"n_train": len(train), "n_calib": len(calib), "n_val": len(val),
-                              "val_toxic": int(yv.sum())})
+                              "val_toxic": int(yv.sum())} | chosen)
 
 
 # ---- sentiment (CAD) --------------------------------------------------------------------------------------
-def linear_probe(X: sp.spmatrix | np.ndarray, y: np.ndarray, C: float = 1.0, max_iter: int = 2000) -> Pipeline:
-    """A class-balanced logistic regression on max-abs scaled (sparse) or standardised (dense) features."""
+def linear_probe(X: sp.spmatrix | np.ndarray, y: np.ndarray, C: Regularization = 1.0, max_iter: int = 2000,
+                 seed: int = 0) -> Pipeline:
+    """A class-balanced logistic regression (`fit_logistic`: a fixed C, or one chosen by cross-validation from a
+    grid) on max-abs scaled (sparse) or standardised (dense) features, as a fitted pipeline."""
     scaler = MaxAbsScaler() if sp.issparse(X) else StandardScaler()
-    return make_pipeline(scaler, LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced")).fit(X, y)
+    model = fit_logistic(scaler.fit_transform(X), y, C, max_iter=max_iter, seed=seed)
+    return Pipeline([("scale", scaler), ("clf", model)])
 
 
-def sentiment_probe(train_texts: Sequence[str], y_train: np.ndarray,
-                    evals: Mapping[str, tuple[Sequence[str], np.ndarray]], sides: Sequence[Side], *, C: float = 1.0,
-                    n_boot: int = 1000, seed: int = 0) -> ProbeResult:
-    """A `linear_probe` per side fitted on the training texts; `<name>_accuracy` on each evaluation set (CAD: the
-    original dev reviews, `in_domain`, and their counterfactual edits, `counterfactual`)."""
+def sentiment_probe(originals: Sequence[str], y_original: np.ndarray, counterfactuals: Sequence[str],
+                    y_counterfactual: np.ndarray, sides: Sequence[Side], *, n_folds: int = 5,
+                    C: Regularization = 1.0, n_boot: int = 1000, seed: int = 0) -> ProbeResult:
+    """Cross-fitted accuracy on counterfactual pairs (CAD: an original review and its human edit that flips the
+    label). The pairs are split into `n_folds` folds, stratified by label; for each fold, a `linear_probe` per side
+    is fitted on the originals of the other folds and predicts the fold's originals (`in_domain_accuracy`) and their
+    counterfactual edits (`counterfactual_accuracy`), which no probe trains on. Every pair is scored once, out of
+    fold, so the accuracies rest on all the pairs rather than a small dev file. With `C` a grid, each side takes
+    its value by cross-validation inside each training fold (the median choice is `<side>/C` in `extra`)."""
+    y_in, y_cf = np.asarray(y_original), np.asarray(y_counterfactual)
+    if len(originals) != len(counterfactuals) or len(y_in) != len(originals) or len(y_cf) != len(originals):
+        raise SaefeatError(f"the sentiment probe needs aligned pairs: {len(originals)} originals, "
+                           f"{len(counterfactuals)} counterfactuals, {len(y_in)} and {len(y_cf)} labels")
+    folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y_in)), y_in))
+    preds: dict[str, dict[str, np.ndarray]] = {"in_domain": {}, "counterfactual": {}}
     metrics: dict[str, dict[str, float]] = {}
-    preds: dict[str, dict[str, np.ndarray]] = {name: {} for name in evals}
+    chosen: dict[str, float] = {}
     for side in sides:
-        rep = side.transformer()
-        clf = linear_probe(rep.fit_transform(list(train_texts)), np.asarray(y_train), C)
-        metrics[side.name] = {}
-        for name, (texts, y) in evals.items():
-            preds[name][side.name] = clf.predict(rep.transform(list(texts)))
-            metrics[side.name] |= accuracy_report(np.asarray(y), preds[name][side.name], name, n_boot, seed)
+        rep = side.transformer()  # fixed representations: fitting learns nothing from the rows it sees
+        X_in, X_cf = rep.fit_transform(list(originals)), rep.transform(list(counterfactuals))
+        p_in, p_cf = np.empty_like(y_in), np.empty_like(y_cf)
+        cs = []
+        for train, test in folds:
+            clf = linear_probe(X_in[train], y_in[train], C, seed=seed)
+            p_in[test], p_cf[test] = clf.predict(X_in[test]), clf.predict(X_cf[test])
+            cs.append(clf[-1].C)
+        chosen[f"{side.name}/C"] = float(np.median(cs))
+        preds["in_domain"][side.name], preds["counterfactual"][side.name] = p_in, p_cf
+        metrics[side.name] = accuracy_report(y_in, p_in, "in_domain", n_boot, seed) | \
+            accuracy_report(y_cf, p_cf, "counterfactual", n_boot, seed)
     gaps: dict[str, dict[str, float]] = {}
-    for name, (_, y) in evals.items():
-        _merge(gaps, paired_gaps(lambda t, p: float(np.mean(t == p)), np.asarray(y), preds[name],
-                                 f"{name}_accuracy", n_boot, seed))
-    return ProbeResult(metrics, gaps, tuple(f"{name}_accuracy" for name in evals),
-                       extra={"n_train": len(train_texts)} | {f"n_{name}": len(t) for name, (t, _) in evals.items()})
+    for name, y in (("in_domain", y_in), ("counterfactual", y_cf)):
+        _merge(gaps, paired_gaps(lambda t, p: float(np.mean(t == p)), y, preds[name], f"{name}_accuracy", n_boot,
+                                 seed))
+    return ProbeResult(metrics, gaps, ("in_domain_accuracy", "counterfactual_accuracy"),
+                       extra={"n_pairs": len(y_in), "n_folds": n_folds} | chosen)
 
 
 # ---- SciFact retrieval ------------------------------------------------------------------------------------
