@@ -51,6 +51,7 @@ from saefeat.detox.latents import find_toxic_latents, rank_toxic_latents
 from saefeat.detox.selection import clamp_grid, fluency_cost, select_settings, split_prompts, vector_grid
 from saefeat.detox.vectors import diff_in_means, sdcv, ssv
 from saefeat.evaluation.comparison import TaskRun
+from saefeat.evaluation.model_selection import check_regularization
 from saefeat.explain.report import log_latent_report
 from saefeat.hosts import get_host
 from saefeat.representations import REPRESENTATIONS
@@ -63,6 +64,7 @@ def check_config(cfg: DictConfig) -> None:
     sp = cfg.split
     check_settings(list(cfg.representations), REPRESENTATIONS, cfg.filter.target, cfg.filter.target_value,
                    sp.calib_fraction, sp.val_fraction, sp.toxic_rate, to_dict(cfg.steering))
+    check_regularization(cfg.filter.C, "filter.C")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -90,10 +92,12 @@ def run(cfg: DictConfig) -> dict:
         settings = representation_settings(embed_config(cfg), baseline_config(cfg))
         for name in cfg.representations:
             with task.child(name) as metrics:
-                filt = ToxicityFilter(name, settings, C=float(cfg.filter.C), max_iter=int(cfg.filter.max_iter),
+                filt = ToxicityFilter(name, settings, C=check_regularization(cfg.filter.C),
+                                      max_iter=int(cfg.filter.max_iter),
                                       target=str(cfg.filter.target), target_value=float(cfg.filter.target_value),
                                       prior=float(cfg.split.toxic_rate))
                 filt.fit(pick(train), y[train], pick(calib), y[calib])
+                mlflow.log_param("filter_C", filt.C_)  # the C chosen by cross-validation where a grid is given
                 scores = filt.predict_proba(pick(val))[:, 1]
                 metrics.update(filter_report(y[val], scores, filt.threshold_, int(cfg.bootstrap), seed))
                 filt.log_model("toxicity_filter")

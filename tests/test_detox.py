@@ -382,6 +382,7 @@ def test_selection_rule_picks_the_least_toxic_setting_within_each_budget():
     ("steering.selection.vector_methods=[]", "selection.vector_methods: empty"),
     ("steering.selection.scorer=perspective", "selection.scorer"),
     ("steering.n_nontoxic_prompts=0", "n_nontoxic_prompts"),
+    ("filter.C=[0.1,-1]", "filter.C must be a positive number"),
 ])
 def test_bad_selection_settings_are_named_before_any_model_loads(override, message):
     from saefeat.config import load_config
