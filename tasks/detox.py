@@ -51,7 +51,7 @@ from saefeat.detox.latents import find_toxic_latents, rank_toxic_latents
 from saefeat.detox.selection import clamp_grid, fluency_cost, select_settings, split_prompts, vector_grid
 from saefeat.detox.vectors import diff_in_means, sdcv, ssv
 from saefeat.evaluation.comparison import TaskRun
-from saefeat.evaluation.model_selection import check_regularization
+from saefeat.evaluation.model_selection import check_penalty, check_regularization
 from saefeat.explain.report import log_latent_report
 from saefeat.hosts import get_host
 from saefeat.representations import REPRESENTATIONS
@@ -65,6 +65,8 @@ def check_config(cfg: DictConfig) -> None:
     check_settings(list(cfg.representations), REPRESENTATIONS, cfg.filter.target, cfg.filter.target_value,
                    sp.calib_fraction, sp.val_fraction, sp.toxic_rate, to_dict(cfg.steering))
     check_regularization(cfg.filter.C, "filter.C")
+    for side in ("sae", "baselines"):
+        check_penalty(cfg.filter.penalty[side], f"filter.penalty.{side}")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -92,12 +94,13 @@ def run(cfg: DictConfig) -> dict:
         settings = representation_settings(embed_config(cfg), baseline_config(cfg))
         for name in cfg.representations:
             with task.child(name) as metrics:
+                penalty = cfg.filter.penalty["sae" if name == "sae" else "baselines"]
                 filt = ToxicityFilter(name, settings, C=check_regularization(cfg.filter.C),
-                                      max_iter=int(cfg.filter.max_iter),
+                                      penalty=list(check_penalty(penalty)), max_iter=int(cfg.filter.max_iter),
                                       target=str(cfg.filter.target), target_value=float(cfg.filter.target_value),
                                       prior=float(cfg.split.toxic_rate))
                 filt.fit(pick(train), y[train], pick(calib), y[calib])
-                mlflow.log_param("filter_C", filt.C_)  # the C chosen by cross-validation where a grid is given
+                mlflow.log_params({"filter_C": filt.C_, "filter_penalty": filt.penalty_})  # as CV chose from grids
                 scores = filt.predict_proba(pick(val))[:, 1]
                 metrics.update(filter_report(y[val], scores, filt.threshold_, int(cfg.bootstrap), seed))
                 filt.log_model("toxicity_filter")

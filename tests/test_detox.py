@@ -232,6 +232,12 @@ def test_a_c_grid_is_chosen_by_cross_validation_on_the_training_texts(comments, 
     for bad in ([], [0.1, -1.0], "strong"):
         with pytest.raises(SaefeatError, match="C must be a positive number"):
             ToxicityFilter("tfidf", None, C=bad).fit(texts, y)
+    # an L1 filter is sparse; with both penalties offered, CV picks one of them
+    sparse = ToxicityFilter("tfidf", None, C=0.3, penalty="l1").fit(texts, y)
+    assert sparse.penalty_ == "l1" and 0 < np.count_nonzero(sparse.coef_) < 0.2 * len(sparse.coef_)
+    assert ToxicityFilter("tfidf", None, C=grid, penalty=["l1", "l2"]).fit(texts, y).penalty_ in ("l1", "l2")
+    with pytest.raises(SaefeatError, match="penalty must be l1, l2"):
+        ToxicityFilter("tfidf", None, penalty="elasticnet").fit(texts, y)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
@@ -383,6 +389,7 @@ def test_selection_rule_picks_the_least_toxic_setting_within_each_budget():
     ("steering.selection.scorer=perspective", "selection.scorer"),
     ("steering.n_nontoxic_prompts=0", "n_nontoxic_prompts"),
     ("filter.C=[0.1,-1]", "filter.C must be a positive number"),
+    ("filter.penalty.sae=l3", "filter.penalty.sae must be l1, l2"),
 ])
 def test_bad_selection_settings_are_named_before_any_model_loads(override, message):
     from saefeat.config import load_config

@@ -45,7 +45,8 @@ def shared(_data, monkeypatch):
 def _sides(cfg, **changes):
     from saefeat.config import baseline_config, embed_config
 
-    return probe_sides(embed_config(cfg, **changes), baseline_config(cfg))
+    pen = cfg.probe_penalty
+    return probe_sides(embed_config(cfg, **changes), baseline_config(cfg), "sae", pen.sae, pen.baselines)
 
 
 def test_quick_sizes_yield_to_explicit_overrides(data_dir):
@@ -55,7 +56,8 @@ def test_quick_sizes_yield_to_explicit_overrides(data_dir):
     assert full.sentiment.max_pairs is None and len(full.sentiment.C) > 1 and len(full.toxicity.C) > 1
     from saefeat.config import ConfigError
 
-    for bad in ("sentiment.C=[]", "toxicity.C=-1", "sentiment.C=[0.1,abc]"):
+    for bad in ("sentiment.C=[]", "toxicity.C=-1", "sentiment.C=[0.1,abc]", "probe_penalty.sae=l3",
+                "probe_penalty.baselines=[]"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             probe_config([f"data_dir={data_dir}", bad])
 
@@ -144,6 +146,7 @@ def test_sentiment_probe_is_cross_fitted_on_originals_only(shared):
     assert len(texts) == len(cf_texts) == cfg.sentiment.max_pairs and (y != y_cf).all()  # each edit flips its label
     assert np.mean([m["in_domain_accuracy"] for m in sent.metrics.values()]) > 0.6  # 60 reviews: above chance
     assert sent.extra["n_pairs"] == len(texts) and all(sent.extra[f"{s.name}/C"] in cfg.sentiment.C for s in sides)
+    assert sent.extra["sae/l1"] == 1 and sent.extra["dense/l1"] == 0  # the configured penalties: sparse SAE probe
     from sklearn.model_selection import StratifiedKFold
 
     from saefeat.evaluation.probes import linear_probe
@@ -152,7 +155,7 @@ def test_sentiment_probe_is_cross_fitted_on_originals_only(shared):
     X, Xc = rep.fit_transform(texts), rep.transform(cf_texts)
     p, pc, pc_leaky = np.empty_like(y), np.empty_like(y), np.empty_like(y)
     for tr, te in StratifiedKFold(int(cfg.sentiment.n_folds), shuffle=True, random_state=int(cfg.seed)).split(X, y):
-        clf = linear_probe(X[tr], y[tr], tuple(cfg.sentiment.C), seed=int(cfg.seed))
+        clf = linear_probe(X[tr], y[tr], tuple(cfg.sentiment.C), sides[1].penalty, seed=int(cfg.seed))
         p[te], pc[te] = clf.predict(X[te]), clf.predict(Xc[te])
         leaky = linear_probe(np.vstack([X[tr], Xc[tr]]), np.concatenate([y[tr], y_cf[tr]]), 1.0)
         pc_leaky[te] = leaky.predict(Xc[te])

@@ -29,7 +29,7 @@ from saefeat.detox.data import load_labelled_comments, stratified_cap
 from saefeat.embed.vectorizers import get_embedder
 from saefeat.errors import SaefeatError
 from saefeat.evaluation.comparison import TaskRun, print_table, widen_when_piped
-from saefeat.evaluation.model_selection import check_regularization
+from saefeat.evaluation.model_selection import check_penalty, check_regularization
 from saefeat.evaluation.probes import (
     SIDES,
     ProbeResult,
@@ -68,12 +68,18 @@ def probe_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"probes: unknown {bad}; valid: {', '.join(PROBES)}")
     if cfg.embed.sae is None:
         raise ConfigError("probe-sae scores an SAE: give sae=default or sae=PATH, not null")
-    for key in ("toxicity.C", "sentiment.C"):
-        try:
+    try:
+        for key in ("toxicity.C", "sentiment.C"):
             check_regularization(OmegaConf.select(cfg, key), key)
-        except SaefeatError as err:
-            raise ConfigError(str(err)) from None
+        for key in ("probe_penalty.sae", "probe_penalty.baselines"):
+            check_penalty(OmegaConf.select(cfg, key), key)
+    except SaefeatError as err:
+        raise ConfigError(str(err)) from None
     return cfg
+
+
+def _penalty(values: tuple[str, ...]) -> str | tuple[str, ...]:
+    return values[0] if len(values) == 1 else values
 
 
 def _leaves(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -275,7 +281,9 @@ def probe_sae(cfg: DictConfig) -> pd.DataFrame:
     """Run the configured probes on the configured SAE; returns the table (also printed and logged)."""
     start = time.perf_counter()
     data = load_data(cfg)
-    sides = probe_sides(embed_config(cfg), baseline_config(cfg), str(cfg.representation))
+    pen = cfg.probe_penalty
+    sides = probe_sides(embed_config(cfg), baseline_config(cfg), str(cfg.representation),
+                        _penalty(check_penalty(pen.sae)), _penalty(check_penalty(pen.baselines)))
     e, b = cfg.embed, cfg.baselines
     tested = (str(e.sae), e.pooling) if cfg.representation == "sae" else (f"sentence-{b.sentence_sae}",
                                                                          b.sentence_sae_pooling)

@@ -28,7 +28,7 @@ from saefeat.atomic import replace_dir
 from saefeat.data import check_texts
 from saefeat.embed.config import BaselineConfig, EmbedConfig
 from saefeat.errors import MissingFileError, OutputExistsError, SaefeatError
-from saefeat.evaluation.model_selection import check_regularization, fit_logistic
+from saefeat.evaluation.model_selection import check_penalty, check_regularization, fit_logistic, penalty_of
 from saefeat.representations import REPRESENTATIONS, make_representation
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,10 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         representation: the feature space (see `saefeat.make_representation`).
         representation_params: its settings, JSON-able: {"embed": EmbedConfig fields, "baselines":
             BaselineConfig fields}, either part optional (see `representation_settings`).
-        C, max_iter: of the logistic regression (features are max-abs scaled if sparse, else standardised); `C` may
-            be a grid, from which stratified 5-fold cross-validation on the training texts picks one (ROC-AUC;
-            `C_` is the value used).
+        C, penalty, max_iter: of the logistic regression (features are max-abs scaled if sparse, else
+            standardised); `C` may be a grid and `penalty` ("l2", or "l1" for a sparse filter) a list, from which
+            stratified 5-fold cross-validation on the training texts picks (ROC-AUC; `C_` and `penalty_` are the
+            values used).
         target, target_value: the threshold is chosen on calibration data for this precision or recall.
         prior: toxic base rate at which precision is computed (default: the calibration data's own rate).
 
@@ -90,9 +91,9 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
 
     def __init__(self, representation: str = "sae", representation_params: dict[str, Any] | None = None,
                  C: float | Sequence[float] = 1.0, max_iter: int = 2000, target: str = "precision",
-                 target_value: float = 0.9, prior: float | None = None):
+                 target_value: float = 0.9, prior: float | None = None, penalty: str | Sequence[str] = "l2"):
         self.representation, self.representation_params = representation, representation_params
-        self.C, self.max_iter = C, max_iter
+        self.C, self.penalty, self.max_iter = C, penalty, max_iter
         self.target, self.target_value, self.prior = target, target_value, prior
 
     # ---- fitting ---------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         """Fit the classifier; choose the threshold on (calib_texts, calib_labels) when given, else use 0.5."""
         self._check_settings()
         check_regularization(self.C)
+        check_penalty(self.penalty)
         texts, y = self._check_xy(texts, labels, "training data")
         if calib_texts is not None:
             calib_texts, calib_y = self._check_xy(calib_texts, calib_labels, "calibration data")
@@ -129,8 +131,8 @@ class ToxicityFilter(ClassifierMixin, BaseEstimator):
         X = self.representation_.fit_transform(texts)
         scaler = MaxAbsScaler() if sp.issparse(X) else StandardScaler()
         Xs = scaler.fit_transform(X)
-        lr = fit_logistic(Xs, y, self.C, max_iter=self.max_iter)
-        self.C_ = float(lr.C)
+        lr = fit_logistic(Xs, y, self.C, penalty=self.penalty, max_iter=self.max_iter)
+        self.C_, self.penalty_ = float(lr.C), penalty_of(lr)
         scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
         self.coef_ = lr.coef_.ravel() / scale
         mean = getattr(scaler, "mean_", None)  # w.(x - m)/s + b = (w/s).x + b - (w/s).m

@@ -33,18 +33,40 @@ def check_regularization(C: Any, what: str = "C") -> float | tuple[float, ...]:
     return values[0] if isinstance(C, (int, float)) else tuple(values)
 
 
-def fit_logistic(X, y, C: Regularization = 1.0, *, cv: int = 5, scoring: str = "roc_auc", seed: int = 0,
-                 max_iter: int = 2000) -> LogisticRegression:
-    """A class-balanced logistic regression fitted on (X, y): at a fixed `C`, or with `C` a grid, at the value of
-    the grid that scores best (`scoring`) in stratified `cv`-fold cross-validation on these rows, refitted on all
-    of them. A grid lets every representation take the regularization that suits it; `.C` is the value used."""
-    C = check_regularization(C)
-    model = LogisticRegression(C=C if isinstance(C, float) else 1.0, max_iter=max_iter, class_weight="balanced")
-    if isinstance(C, float):
-        return model.fit(X, y)
-    search = GridSearchCV(model, {"C": list(C)}, scoring=scoring, refit=True,
+PENALTIES = ("l1", "l2")
+
+
+def check_penalty(penalty: Any, what: str = "penalty") -> tuple[str, ...]:
+    """`penalty` ("l1", "l2", or a list of them to choose from) as a tuple of names."""
+    values = [penalty] if isinstance(penalty, str) else list(penalty)
+    if not values or any(p not in PENALTIES for p in values):
+        raise SaefeatError(f"{what} must be l1, l2 or a list of them, got {penalty!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def fit_logistic(X, y, C: Regularization = 1.0, *, penalty: str | Sequence[str] = "l2", cv: int = 5,
+                 scoring: str = "roc_auc", seed: int = 0, max_iter: int = 2000) -> LogisticRegression:
+    """A class-balanced logistic regression fitted on (X, y).
+
+    `C` is a value or a grid; `penalty` is "l2", "l1" (a sparse model: most weights exactly zero, a sparse probe
+    of SAE latents) or a list of both. Where there is more than one candidate, the one that scores best
+    (`scoring`) in stratified `cv`-fold cross-validation on these rows is refitted on all of them, so each
+    representation takes the regularization that suits it; `.C` and `penalty_of` give the values used."""
+    C, penalties = check_regularization(C), check_penalty(penalty)
+    # scikit-learn >= 1.8 names the penalty by l1_ratio: 1 is L1 (liblinear's exact solver), 0 is L2
+    grid = [{"C": [C] if isinstance(C, float) else list(C), "l1_ratio": [1.0 if p == "l1" else 0.0],
+             "solver": ["liblinear" if p == "l1" else "lbfgs"]} for p in penalties]
+    model = LogisticRegression(max_iter=max_iter, class_weight="balanced")
+    if len(penalties) == 1 and isinstance(C, float):
+        return model.set_params(**{k: v[0] for k, v in grid[0].items()}).fit(X, y)
+    search = GridSearchCV(model, grid, scoring=scoring, refit=True,
                           cv=StratifiedKFold(cv, shuffle=True, random_state=seed))
     return search.fit(X, y).best_estimator_
+
+
+def penalty_of(model: LogisticRegression) -> str:
+    """The penalty ("l1" or "l2") of a `fit_logistic` model."""
+    return "l1" if model.l1_ratio == 1 else "l2"
 
 
 def _lgbm(cls, seed: int, n_jobs: int = 1, **kw):

@@ -31,7 +31,7 @@ from saefeat.embed.embedder import SAEEmbedder
 from saefeat.embed.vectorizers import get_embedder
 from saefeat.errors import SaefeatError
 from saefeat.evaluation.metrics import average_precision, bootstrap, roc_auc
-from saefeat.evaluation.model_selection import Regularization, fit_logistic, fit_search
+from saefeat.evaluation.model_selection import Regularization, fit_logistic, fit_search, penalty_of
 from saefeat.representations import make_representation
 from saefeat.retrieval.dense import DenseRetriever, normalize
 from saefeat.retrieval.evaluation import BM25, BeirData, per_query_scores, retrieval_report, to_run
@@ -50,28 +50,32 @@ SIDES = ("sae", *BASELINES, LEXICAL)
 
 @dataclass(frozen=True)
 class Side:
-    """One row of a probe: a representation (a `make_representation` name) with its settings."""
+    """One row of a probe: a representation (a `make_representation` name) with its settings, and the penalty of
+    its linear probes ("l2", "l1" for a sparse probe, or both for cross-validation to choose)."""
 
     name: str
     representation: str
     embed: EmbedConfig
     baselines: BaselineConfig
+    penalty: str | tuple[str, ...] = "l2"
 
     def transformer(self) -> TransformerMixin:
         return make_representation(self.representation, self.embed, self.baselines)
 
 
-def probe_sides(embed: EmbedConfig, baselines: BaselineConfig | None = None,
-                representation: str = "sae") -> list[Side]:
+def probe_sides(embed: EmbedConfig, baselines: BaselineConfig | None = None, representation: str = "sae",
+                sae_penalty: str | tuple[str, ...] = "l2",
+                baseline_penalty: str | tuple[str, ...] = "l2") -> list[Side]:
     """The side under test (`representation`: `sae` as `embed` says, or `sae_sentence` with
     `baselines.sentence_sae`), `dense` at the SAE's read point, `dense_last` at the host's last block (no SAE) and
-    `sentence`, in that order."""
+    `sentence`, in that order; the first probed with `sae_penalty`, the others with `baseline_penalty`."""
     if representation not in ("sae", "sae_sentence"):
         raise SaefeatError(f"the suite scores representation sae or sae_sentence, got {representation!r}")
     baselines = baselines or BaselineConfig()
     last = embed.replace(sae=None, layer=None, sae_k=None)
-    return [Side("sae", representation, embed, baselines), Side("dense", "dense", embed, baselines),
-            Side("dense_last", "dense", last, baselines), Side("sentence", "sentence", embed, baselines)]
+    b = baseline_penalty
+    return [Side("sae", representation, embed, baselines, sae_penalty), Side("dense", "dense", embed, baselines, b),
+            Side("dense_last", "dense", last, baselines, b), Side("sentence", "sentence", embed, baselines, b)]
 
 
 @dataclass
@@ -138,17 +142,19 @@ def toxicity_probe(texts: Sequence[str], y: np.ndarray, sides: Sequence[Side], *
                    max_iter: int = 2000, n_boot: int = 1000, seed: int = 0,
                    source: str = "the comments") -> ProbeResult:
     """A `ToxicityFilter` per side, its threshold chosen on a calibration split for precision 0.8 at `toxic_rate`;
-    ROC-AUC and AP (`pr_auc`) on a validation split subsampled to that natural rate (`split_comments`). With `C` a
-    grid, each side takes its own value by cross-validation on the training split (`<side>/C` in `extra`)."""
+    ROC-AUC and AP (`pr_auc`) on a validation split subsampled to that natural rate (`split_comments`), each
+    filter with its side's penalty. With `C` a grid (or a side's penalty a list), each side takes its own by
+    cross-validation on the training split (`<side>/C`, and `<side>/l1` = 1 for an L1 filter, in `extra`)."""
     y = np.asarray(y).astype(int)
     train, calib, val = split_comments(y, calib_fraction, val_fraction, toxic_rate, seed, source)
     pick = lambda rows: [texts[i] for i in rows]  # noqa: E731
     metrics, scores, chosen = {}, {}, {}
     for side in sides:
         filt = ToxicityFilter(side.representation, representation_settings(side.embed, side.baselines), C=C,
-                              max_iter=max_iter, target="precision", target_value=0.8, prior=toxic_rate)
+                              penalty=side.penalty, max_iter=max_iter, target="precision", target_value=0.8,
+                              prior=toxic_rate)
         filt.fit(pick(train), y[train], pick(calib), y[calib])
-        chosen[f"{side.name}/C"] = filt.C_
+        chosen |= {f"{side.name}/C": filt.C_, f"{side.name}/l1": float(filt.penalty_ == "l1")}
         scores[side.name] = filt.predict_proba(pick(val))[:, 1]
         metrics[side.name] = filter_report(y[val], scores[side.name], filt.threshold_, n_boot, seed)
     yv = y[val]
@@ -160,12 +166,12 @@ def toxicity_probe(texts: Sequence[str], y: np.ndarray, sides: Sequence[Side], *
 
 
 # ---- sentiment (CAD) --------------------------------------------------------------------------------------
-def linear_probe(X: sp.spmatrix | np.ndarray, y: np.ndarray, C: Regularization = 1.0, max_iter: int = 2000,
-                 seed: int = 0) -> Pipeline:
-    """A class-balanced logistic regression (`fit_logistic`: a fixed C, or one chosen by cross-validation from a
-    grid) on max-abs scaled (sparse) or standardised (dense) features, as a fitted pipeline."""
+def linear_probe(X: sp.spmatrix | np.ndarray, y: np.ndarray, C: Regularization = 1.0,
+                 penalty: str | Sequence[str] = "l2", max_iter: int = 2000, seed: int = 0) -> Pipeline:
+    """A class-balanced logistic regression (`fit_logistic`: fixed C and penalty, or chosen by cross-validation
+    from a grid) on max-abs scaled (sparse) or standardised (dense) features, as a fitted pipeline."""
     scaler = MaxAbsScaler() if sp.issparse(X) else StandardScaler()
-    model = fit_logistic(scaler.fit_transform(X), y, C, max_iter=max_iter, seed=seed)
+    model = fit_logistic(scaler.fit_transform(X), y, C, penalty=penalty, max_iter=max_iter, seed=seed)
     return Pipeline([("scale", scaler), ("clf", model)])
 
 
@@ -174,10 +180,11 @@ def sentiment_probe(originals: Sequence[str], y_original: np.ndarray, counterfac
                     C: Regularization = 1.0, n_boot: int = 1000, seed: int = 0) -> ProbeResult:
     """Cross-fitted accuracy on counterfactual pairs (CAD: an original review and its human edit that flips the
     label). The pairs are split into `n_folds` folds, stratified by label; for each fold, a `linear_probe` per side
-    is fitted on the originals of the other folds and predicts the fold's originals (`in_domain_accuracy`) and their
-    counterfactual edits (`counterfactual_accuracy`), which no probe trains on. Every pair is scored once, out of
-    fold, so the accuracies rest on all the pairs rather than a small dev file. With `C` a grid, each side takes
-    its value by cross-validation inside each training fold (the median choice is `<side>/C` in `extra`)."""
+    (with its side's penalty) is fitted on the originals of the other folds and predicts the fold's originals
+    (`in_domain_accuracy`) and their counterfactual edits (`counterfactual_accuracy`), which no probe trains on.
+    Every pair is scored once, out of fold, so the accuracies rest on all the pairs rather than a small dev file.
+    With `C` a grid (or a side's penalty a list), each side takes its own by cross-validation inside each training
+    fold (in `extra`: the median C, `<side>/C`, and the share of folds that chose L1, `<side>/l1`)."""
     y_in, y_cf = np.asarray(y_original), np.asarray(y_counterfactual)
     if len(originals) != len(counterfactuals) or len(y_in) != len(originals) or len(y_cf) != len(originals):
         raise SaefeatError(f"the sentiment probe needs aligned pairs: {len(originals)} originals, "
@@ -190,12 +197,13 @@ def sentiment_probe(originals: Sequence[str], y_original: np.ndarray, counterfac
         rep = side.transformer()  # fixed representations: fitting learns nothing from the rows it sees
         X_in, X_cf = rep.fit_transform(list(originals)), rep.transform(list(counterfactuals))
         p_in, p_cf = np.empty_like(y_in), np.empty_like(y_cf)
-        cs = []
+        cs, l1 = [], []
         for train, test in folds:
-            clf = linear_probe(X_in[train], y_in[train], C, seed=seed)
+            clf = linear_probe(X_in[train], y_in[train], C, side.penalty, seed=seed)
             p_in[test], p_cf[test] = clf.predict(X_in[test]), clf.predict(X_cf[test])
             cs.append(clf[-1].C)
-        chosen[f"{side.name}/C"] = float(np.median(cs))
+            l1.append(penalty_of(clf[-1]) == "l1")
+        chosen |= {f"{side.name}/C": float(np.median(cs)), f"{side.name}/l1": float(np.mean(l1))}
         preds["in_domain"][side.name], preds["counterfactual"][side.name] = p_in, p_cf
         metrics[side.name] = accuracy_report(y_in, p_in, "in_domain", n_boot, seed) | \
             accuracy_report(y_cf, p_cf, "counterfactual", n_boot, seed)
