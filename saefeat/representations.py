@@ -64,7 +64,7 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
         if name == "dense":
             drop = ("sae_hash", "sae_k", "topk_kernel")
             return {k: v for k, v in out.items() if k not in drop} | {"pooling": baselines.dense_pooling}
-        sae = str(default_sae_path(embed.model)) if embed.sae == "default" else str(embed.sae)
+        sae = str(default_sae_path(embed.model, embed.layer)) if embed.sae == "default" else str(embed.sae)
         return out | {"sae_id": sae, "pooling": embed.pooling,
                       "pool_k": str(embed.pool_k) if embed.pooling in ("topk", "log1p_topk") else "none"}
     if name in ("sentence", "sae_sentence"):  # the device and precision the vectorizer itself resolves

@@ -133,15 +133,17 @@ def pinned_all(measured: dict[str, float], expected: dict[str, float], tol: floa
         f"{k} measured {m:.4f}, pinned {v:.4f}" for k, (m, v) in moved.items())
 
 
-# Pinned with the k=48 SAE at weight decay 0.001 and λ 10 (fp32; Intel Xeon avx2 avx512_bf16 amx_bf16, and the
-# same within tolerance on an AMD EPYC avx2 avx512_bf16). DBR with SAE-latent tokens is not pinned by accuracy: its
-# masked copies follow the detector's cut of 10 latents, and across CPUs the same commit gave dbr_sae/dense
-# 0.600 / 0.530 (Xeon), 0.750 / 0.575 and 0.770 / 0.585 (EPYC) in-domain / counterfactual, every other pin within
-# tolerance. What DBR itself promises is checked instead: its JSD term takes the prediction off the masked tokens.
-# Broken variant tried on the k=32 SAE (with selection): run at k=4, which moved five of its pins by 0.03 to 0.035.
-SHORTCUT_PINS = {"erm/sae:in_domain": 0.770, "erm/sae:ood": 0.535, "dbr_ig/sae:in_domain": 0.745,
-                 "dbr_ig/sae:ood": 0.500, "erm/dense:in_domain": 0.710, "erm/dense:ood": 0.535,
-                 "dbr_ig/dense:in_domain": 0.715, "dbr_ig/dense:ood": 0.465}
+# Pinned with the task's defaults, minilm's layer-3 SAE and `sum` pooling (so `dense` reads layer 3 too), at weight
+# decay 0.001 and λ 10 (fp32, Intel Xeon avx2 avx512_bf16 amx_bf16). With the layer-5 k=48 SAE and `max` of before
+# the pins were sae 0.770 / 0.535 / 0.745 / 0.500 and dense 0.710 / 0.535 / 0.715 / 0.465, the same within tolerance
+# on an AMD EPYC avx2 avx512_bf16. DBR with SAE-latent tokens is not pinned by accuracy: its masked copies follow the
+# detector's cut of 10 latents, and across CPUs the same commit gave dbr_sae/dense 0.600 / 0.530 (Xeon), 0.750 /
+# 0.575 and 0.770 / 0.585 (EPYC) in-domain / counterfactual, every other pin within tolerance. What DBR itself
+# promises is checked instead: its JSD term takes the prediction off the masked tokens. Broken variant tried on the
+# layer-5 k=32 SAE (with selection): run at k=4, which moved five of its pins by 0.03 to 0.035.
+SHORTCUT_PINS = {"erm/sae:in_domain": 0.860, "erm/sae:ood": 0.535, "dbr_ig/sae:in_domain": 0.815,
+                 "dbr_ig/sae:ood": 0.435, "erm/dense:in_domain": 0.810, "erm/dense:ood": 0.635,
+                 "dbr_ig/dense:in_domain": 0.770, "dbr_ig/dense:ood": 0.555}
 SHORTCUT_TOL = 0.025  # 200 reviews per evaluation set: 0.025 is 5 changed predictions
 RELIANCE_CUT = 0.6    # DBR's reliance on its own masked tokens, at most this share of ERM's (measured: 0 to 0.42,
                       # the 0.42 by dbr_sae/dense with torch capped at AVX2; λ ignored gives 1)
@@ -165,7 +167,8 @@ def test_shortcut_dbr_is_pinned(data_dir):
     for rep in ("sae", "dense"):
         for method, kind in (("dbr_ig", "ig"), ("dbr_sae", "sae")):
             erm, dbr = results[f"erm/{rep}"][f"reliance_{kind}"], results[f"{method}/{rep}"][f"reliance_{kind}"]
-            assert erm > 0.01, f"erm/{rep} barely relies on the {kind} tokens ({erm:.4f}): nothing for DBR to remove"
+            # ERM on layer-3 `sum` features relies on the IG tokens at about 0.01 (0.06 on `dense`)
+            assert erm > 0.005, f"erm/{rep} barely relies on the {kind} tokens ({erm:.4f}): nothing for DBR to remove"
             assert dbr <= RELIANCE_CUT * erm, f"{method}/{rep}: reliance {dbr:.4f} against ERM's {erm:.4f}"
 
 

@@ -71,7 +71,7 @@ def _store_for(cfg: DictConfig) -> LatentStore:
     from saefeat.sae.formats import resolve_sae
 
     e = embed_config(cfg)
-    sae = resolve_sae(e.sae, e.model, "cpu")
+    sae = resolve_sae(e.sae, e.model, "cpu", layer=e.layer)
     return LatentStore.for_sae(sae.content_hash, cfg.store_dir)
 
 

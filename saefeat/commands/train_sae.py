@@ -99,7 +99,7 @@ def write_recipe_store(cfg: DictConfig) -> ActivationStore:
     store = write_store(host, sc, s.output, show_progress_bar=bool(cfg.embed.show_progress_bar))
     last = store.manifest.get("last_write", {"tokens": 0, "seconds": 0.0})
     print(f"store {store.folder}: {store.train_tokens:,} training + {store.manifest['eval']['tokens']:,} held-out "
-          f"tokens of layers {store.layers}" + (f"; this run wrote {last['tokens']:,} tokens in "
+          f"tokens of layers {store.layers}" + (f"; its last write added {last['tokens']:,} tokens in "
                                                 f"{last['seconds']:.0f} s" if last["tokens"] else ""), flush=True)
     return store
 

@@ -66,7 +66,8 @@ class SAEEmbedder:
         self.model_name = config.model
         self.sae: SAE | None = None
         if memory_sae is not None or config.sae is not None:
-            self.sae = resolve_sae(memory_sae if memory_sae is not None else config.sae, config.model, self.device)
+            self.sae = resolve_sae(memory_sae if memory_sae is not None else config.sae, config.model, self.device,
+                                   layer=config.layer)
         self.layer, site = self._read_point()
         if self.sae is not None:
             check_compatible(self.sae, config.model, self.host.d_model, None)  # the read point is checked above

@@ -39,7 +39,7 @@ def _sae_fingerprint(config: EmbedConfig, sae: SAE | None) -> str:
         return state_hash(sae)
     if config.sae is None:
         return "none"
-    folder = default_sae_path(config.model) if config.sae == "default" else Path(config.sae)
+    folder = default_sae_path(config.model, config.layer) if config.sae == "default" else Path(config.sae)
     folder = folder.parent if folder.is_file() else folder
     if not folder.is_dir():
         return str(folder)  # the embedder raises the clear error

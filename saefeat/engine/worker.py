@@ -30,7 +30,7 @@ def worker_spec(config: EmbedConfig) -> dict[str, Any]:
         if spec[key] not in (None, "default") and Path(spec[key]).exists():
             spec[key] = str(Path(spec[key]).resolve())
     if config.sae is not None:
-        path = default_sae_path(config.model) if config.sae == "default" else spec["sae"]
+        path = default_sae_path(config.model, config.layer) if config.sae == "default" else spec["sae"]
         spec["sae_hash"] = content_hash(path)
     return spec
 

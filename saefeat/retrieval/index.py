@@ -66,7 +66,7 @@ def _default_sae_spec(embedder: Any) -> str | None:
     from saefeat.sae.formats import content_hash, default_sae_path
 
     try:
-        path = default_sae_path(embedder.model_name)
+        path = default_sae_path(embedder.model_name, embedder.config.layer)
     except FileNotFoundError:
         return None
     return "default" if content_hash(path) == embedder.sae.content_hash else None

@@ -154,7 +154,7 @@ class DBRFineTuner(ClassifierMixin, BaseEstimator):
         self.sae_ = None
         layer, site = self.layer, "output"
         if self.representation == "sae" or layer is None:
-            sae = resolve_sae(self.sae, self.model, host.device)
+            sae = resolve_sae(self.sae, self.model, host.device, layer=self.layer)
             check_compatible(sae, self.model, host.d_model, None)
             layer, site = host_read_point(sae.cfg, layer)
             if self.representation == "sae":

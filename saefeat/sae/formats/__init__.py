@@ -36,7 +36,7 @@ FORMATS: tuple[Format, ...] = (native.FORMAT, gemmascope.FORMAT, saelens.FORMAT,
 __all__ = [
     "DEFAULTS_DIR", "FORMATS", "SAEFEAT_META", "SAEFEAT_WEIGHTS", "Format", "Parsed", "check_compatible",
     "content_hash", "default_sae_path", "detect_format", "file_hash", "load_sae", "resolve_sae", "save_sae",
-    "state_hash",
+    "shipped_sae_layers", "state_hash",
 ]
 
 
@@ -67,13 +67,32 @@ def _parsed_hash(fmt: str, parsed: Parsed) -> str:
     return h.hexdigest()[:16]
 
 
-def default_sae_path(host: str) -> Path:
-    """Folder of the SAE shipped with the package for an offline host alias."""
+def default_sae_path(host: str, layer: int | None = None) -> Path:
+    """Folder of the SAE shipped with the package for an offline host alias: the host's default one, or with
+    `layer` the one shipped for that layer (`weights/<host>/layer<N>/` beside the default)."""
     path = DEFAULTS_DIR / host
     if not (path / SAEFEAT_META).is_file():
         shipped = sorted(p.name for p in DEFAULTS_DIR.glob("*") if (p / SAEFEAT_META).is_file())
         raise MissingFileError(f"no default SAE ships for host {host!r}; shipped defaults: {shipped}")
-    return path
+    if layer is None:
+        return path
+    layers = shipped_sae_layers(host)
+    if layer not in layers:
+        raise MissingFileError(f"no SAE ships for host {host!r} at layer {layer}; shipped at layers "
+                               f"{sorted(layers)} (sae=default picks the one for embed.layer; pass sae=PATH "
+                               "for your own)")
+    return layers[layer]
+
+
+def shipped_sae_layers(host: str) -> dict[int, Path]:
+    """Layer -> folder of every SAE shipped for `host` (its default and the `layer<N>/` ones)."""
+    root = DEFAULTS_DIR / host
+    out: dict[int, Path] = {}
+    for folder in [*sorted(root.glob("layer*")), root]:
+        meta = folder / SAEFEAT_META
+        if meta.is_file():
+            out[int(json.loads(meta.read_text())["layer"])] = folder
+    return out
 
 
 def default_sentence_sae_path(model: str) -> Path:
@@ -152,14 +171,16 @@ def save_sae(sae: SAE, path: str | Path, meta: dict[str, Any] | None = None, hal
     return path
 
 
-def resolve_sae(spec: str | Path | SAE, host: str, device: str | torch.device | None = None) -> SAE:
-    """An SAE from a spec: an SAE object, ``"default"`` (the one shipped for `host`), or a path."""
+def resolve_sae(spec: str | Path | SAE, host: str, device: str | torch.device | None = None,
+                layer: int | None = None) -> SAE:
+    """An SAE from a spec: an SAE object, ``"default"`` (the one shipped for `host`, at `layer` when given), or a
+    path."""
     if isinstance(spec, SAE):
         if not spec.content_hash:
             spec.content_hash = state_hash(spec)
         return spec.to(device) if device is not None else spec
     if str(spec) == "default":
-        return load_sae(default_sae_path(host), device)
+        return load_sae(default_sae_path(host, layer), device)
     return load_sae(spec, device)
 
 
