@@ -64,18 +64,21 @@ def test_children_carry_what_ran_and_tags_that_match_their_params(task_run):
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id]
     assert sorted(children["tags.mlflow.runName"]) == ["dbr_sae/dense", "dbr_sae/sae", "erm/dense", "erm/sae"]
     ran = resolve_runtime(torch.device("cpu"), "auto", "auto")  # bf16 torch, or int8 ONNX without native bf16
+    from saefeat.config import load_config
+
+    embed = load_config("tasks", ["task=shortcut"]).embed  # the task's defaults: minilm's layer-3 SAE, sum pooling
     for _, c in children.iterrows():
         assert c["tags.representation"] == c["params.representation"] in ("sae", "dense")
         assert c["tags.method"] == c["params.method"] and c["tags.mlflow.runName"] == f"{c['tags.method']}/" \
             f"{c['tags.representation']}"
-        assert c["params.host"] == "minilm" and c["params.layer"] == "5"
+        assert c["params.host"] == "minilm" and c["params.layer"] == str(embed.layer) == "3"
         assert (c["params.backend"], c["params.precision"]) == (ran.backend, ran.precision)  # as resolved here
         assert c["params.hook"] and len(c["params.host_fingerprint"]) == 16 and c["params.device"] == "cpu"
         assert c["metrics.fit_seconds"] > 0 and c["metrics.embed_seconds"] >= 0
         assert "metrics.lambda" not in c or c.isna()["metrics.lambda"]  # λ is a param
         sae = c["tags.representation"] == "sae"
         assert (c["params.sae_hash"] not in (None, "none")) == sae  # a dense child names no SAE
-        assert c["params.pooling"] == ("max" if sae else "mean")
+        assert c["params.pooling"] == (embed.pooling if sae else "mean") and embed.pooling == "sum"
         names = {a.path for a in mlflow.MlflowClient().list_artifacts(c.run_id)}
         assert ("shortcut_latents.html" in names) == sae  # every SAE child carries the latent report
     assert set(runs.groupby("tags.representation").groups) == {"sae", "dense"}  # one group per representation
