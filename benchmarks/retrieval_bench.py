@@ -60,6 +60,7 @@ def task_config(overrides: list[str]):
 
 # ---- SciFact ----------------------------------------------------------------------------------
 def bench_scifact(args) -> None:
+    from saefeat.config import baseline_config
     from saefeat.retrieval.evaluation import load_beir, per_query_scores, retrieval_report, to_run
     from saefeat.retrieval.retrievers import make_retriever
     from saefeat.tasks.retrieval import build_index
@@ -77,7 +78,7 @@ def bench_scifact(args) -> None:
     depth, e = int(cfg.retrieval.depth), cfg.embed
 
     def rank_all(rep: str, alpha: float = float(cfg.retrieval.alpha)):
-        retriever = make_retriever(rep, index, alpha, cfg.baselines.sentence_model, e.batch_size, False)
+        retriever = make_retriever(rep, index, alpha, baseline_config(cfg), e.batch_size, False)
         return retriever.search(queries, depth)
 
     for rep in ("sae", "dense", "sentence", "hybrid", "bm25"):

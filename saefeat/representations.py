@@ -56,7 +56,7 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
     representation (a task's own row sets, say); the host is loaded for `sae`, `dense` and `hybrid`."""
     from saefeat.embed.vectorizers import get_embedder
     from saefeat.provenance import embedder_provenance
-    from saefeat.sae.formats import default_sae_path
+    from saefeat.sae.formats import sae_folder
 
     embed, baselines = embed or EmbedConfig(), baselines or BaselineConfig()
     if name in ("sae", "hybrid", "dense"):  # the host's activations (and its SAE) as `embed` reads them
@@ -64,8 +64,7 @@ def describe_representation(name: str, embed: EmbedConfig | None = None,
         if name == "dense":
             drop = ("sae_hash", "sae_k", "topk_kernel")
             return {k: v for k, v in out.items() if k not in drop} | {"pooling": baselines.dense_pooling}
-        sae = str(default_sae_path(embed.model, embed.layer)) if embed.sae == "default" else str(embed.sae)
-        return out | {"sae_id": sae, "pooling": embed.pooling,
+        return out | {"sae_id": str(sae_folder(embed.sae, embed.model, embed.layer)), "pooling": embed.pooling,
                       "pool_k": str(embed.pool_k) if embed.pooling in ("topk", "log1p_topk") else "none"}
     if name in ("sentence", "sae_sentence"):  # the device and precision the vectorizer itself resolves
         from saefeat.device import resolve_device

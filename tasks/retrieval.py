@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> dict:
                            "sae_latents_per_doc": round(index.vectors.nnz / len(index), 1)})
         report = None
         for rep in sorted(reps, key=lambda r: r != "sae"):  # sae first: hybrid carries its latent report too
-            retriever = make_retriever(rep, index, float(cfg.retrieval.alpha), cfg.baselines.sentence_model,
+            retriever = make_retriever(rep, index, float(cfg.retrieval.alpha), baseline_config(cfg),
                                        e.batch_size, e.show_progress_bar)
             rows, scores = retriever.search(queries, int(cfg.retrieval.depth))
             pq = per_query_scores(data.qrels, to_run(qids, index.ids, rows, scores))

@@ -275,12 +275,12 @@ def test_filters_and_steering_latents_honour_the_embed_section(tmp_path):
     texts = ["you are a stupid idiot", "have a lovely day", "shut up you moron", "thanks for the kind help"] * 3
     y = np.array([1, 0, 1, 0] * 3)
     settings = representation_settings(embed_config(cfg), baseline_config(cfg))
-    for name in ("sae", "dense", "sentence", "tfidf"):
+    for name in ("sae", "dense", "sae_sentence", "sentence", "tfidf"):
         rep = ToxicityFilter(name, settings, target="recall", target_value=0.5).fit(texts, y).representation_
         if name in ("sae", "dense"):
             assert rep.embedder.runtime.precision == "fp32" and rep.embedder.window == 96
             assert rep.embedder.max_tokens == 64
-        elif name == "sentence":
+        elif name in ("sentence", "sae_sentence"):
             assert rep.precision == "fp32"
         else:
             assert rep.max_features == 50

@@ -42,7 +42,7 @@ def test_earnings_end_to_end(calls, tmp_path):
 
     path = _write(calls, tmp_path / "calls.jsonl")
     results = run(_cfg(path))
-    assert set(results) == {"sae", "dense", "sentence", "tfidf"}
+    assert set(results) == {"sae", "dense", "sae_sentence", "sentence", "tfidf"}
     names = {frozenset(m) for m in results.values()}
     assert len(names) == 1  # the same metric names in every representation
     for m in ("roc_auc", "roc_auc_lo", "roc_auc_hi", "pr_auc", "balanced_accuracy", "minority_f1", "spearman", "mae"):
@@ -54,7 +54,7 @@ def test_earnings_end_to_end(calls, tmp_path):
     runs = mlflow.search_runs([exp.experiment_id])
     parent = runs[runs["tags.saefeat.role"] == "parent"]
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]]
-    assert sorted(children["tags.representation"]) == ["dense", "sae", "sentence", "tfidf"]
+    assert sorted(children["tags.representation"]) == ["dense", "sae", "sae_sentence", "sentence", "tfidf"]
     client = mlflow.tracking.MlflowClient()
     parent_files = {f.path for f in client.list_artifacts(parent.run_id.iloc[0])}
     assert {"roc.png", "comparison.json", "config.yaml"} <= parent_files

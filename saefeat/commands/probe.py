@@ -78,10 +78,6 @@ def probe_config(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
-def _penalty(values: tuple[str, ...]) -> str | tuple[str, ...]:
-    return values[0] if len(values) == 1 else values
-
-
 def _leaves(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for k, v in d.items():
@@ -283,7 +279,7 @@ def probe_sae(cfg: DictConfig) -> pd.DataFrame:
     data = load_data(cfg)
     pen = cfg.probe_penalty
     sides = probe_sides(embed_config(cfg), baseline_config(cfg), str(cfg.representation),
-                        _penalty(check_penalty(pen.sae)), _penalty(check_penalty(pen.baselines)))
+                        check_penalty(pen.sae), check_penalty(pen.baselines))
     e, b = cfg.embed, cfg.baselines
     tested = (str(e.sae), e.pooling) if cfg.representation == "sae" else (f"sentence-{b.sentence_sae}",
                                                                          b.sentence_sae_pooling)

@@ -15,7 +15,7 @@ from saefeat.embed.cache import StatsCache, default_cache_dir, doc_hash
 from saefeat.embed.config import EmbedConfig
 from saefeat.embed.embedder import SAEEmbedder
 from saefeat.errors import SaefeatError
-from saefeat.sae.formats import default_sae_path, state_hash
+from saefeat.sae.formats import sae_folder, state_hash
 from saefeat.sae.model import SAE
 
 _EMBEDDERS: dict[tuple, SAEEmbedder] = {}
@@ -39,7 +39,7 @@ def _sae_fingerprint(config: EmbedConfig, sae: SAE | None) -> str:
         return state_hash(sae)
     if config.sae is None:
         return "none"
-    folder = default_sae_path(config.model, config.layer) if config.sae == "default" else Path(config.sae)
+    folder = sae_folder(config.sae, config.model, config.layer)
     folder = folder.parent if folder.is_file() else folder
     if not folder.is_dir():
         return str(folder)  # the embedder raises the clear error

@@ -23,15 +23,14 @@ def worker_spec(config: EmbedConfig) -> dict[str, Any]:
     """What a worker is built from: the embedding config without its encode-time keys (pooling, pool_k, the
     progress bar; the batch size stays, as how the worker runs), local paths made absolute (an actor may start in
     another folder), plus the SAE's content hash, so that a replaced SAE file under the same path is another spec."""
-    from saefeat.sae.formats import content_hash, default_sae_path
+    from saefeat.sae.formats import content_hash, sae_folder
 
     spec = {k: v for k, v in asdict(config).items() if k not in ENCODE_TIME or k == "batch_size"}
     for key in ("model", "sae"):
         if spec[key] not in (None, "default") and Path(spec[key]).exists():
             spec[key] = str(Path(spec[key]).resolve())
     if config.sae is not None:
-        path = default_sae_path(config.model, config.layer) if config.sae == "default" else spec["sae"]
-        spec["sae_hash"] = content_hash(path)
+        spec["sae_hash"] = content_hash(sae_folder(spec["sae"], config.model, config.layer))
     return spec
 
 

@@ -234,7 +234,7 @@ def retrieval_probe(data: BeirData, sides: Sequence[Side], *, alpha: float = 0.5
                   LEXICAL: make_retriever(LEXICAL, index)}
     for side in sides[1:]:
         if side.representation == "sentence":
-            retrievers[side.name] = make_retriever("sentence", index, alpha, side.baselines.sentence_model,
+            retrievers[side.name] = make_retriever("sentence", index, alpha, side.baselines,
                                                    e.batch_size, show_progress_bar)
         else:  # the mean-pooled activations of that side's own read point
             retrievers[side.name] = DenseRetriever.build("dense", data.texts, get_embedder(side.embed),

@@ -1,5 +1,6 @@
 """Retrievers behind one interface, `search(queries, k) -> (rows, scores)`: the SAE index (`sae`, `hybrid`),
-dense vectors (`dense`, `sentence`) and BM25 (`bm25`), so an evaluation loops over them without knowing which."""
+dense vectors (`dense`, `sentence`), the sentence-embedding SAE's codes (`sae_sentence`) and BM25 (`bm25`), so an
+evaluation loops over them without knowing which."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from saefeat.embed.config import BaselineConfig
 from saefeat.errors import SaefeatError
-from saefeat.retrieval.dense import DENSE_KINDS, DenseRetriever
+from saefeat.retrieval.dense import DENSE_KINDS, DenseRetriever, DenseSide
 from saefeat.retrieval.evaluation import BM25
 from saefeat.retrieval.index import MODES, SAEIndex
 
-RETRIEVERS = ("sae", "dense", "sentence", "hybrid", "bm25")
+RETRIEVERS = ("sae", "dense", "sentence", "sae_sentence", "hybrid", "bm25")
 
 
 @runtime_checkable
@@ -61,17 +63,27 @@ class IndexRetriever:
         return self.index.hit_latents(int(row), q, n)
 
 
-def make_retriever(kind: str, index: SAEIndex, alpha: float = 0.5, sentence_model: str = "minilm",
+def make_retriever(kind: str, index: SAEIndex, alpha: float = 0.5, baselines: BaselineConfig | None = None,
                    batch_size: int = 32, show_progress_bar: bool | None = None) -> Retriever:
     """The retriever `kind` (one of RETRIEVERS) over the documents of `index`.
 
     `sae` and `hybrid` search the index itself; `dense` and `sentence` encode its texts (the SAE's layer
-    mean-pooled, or the sentence-transformers model); `bm25` indexes its texts lexically.
+    mean-pooled, or `baselines.sentence_model`); `sae_sentence` ranks by the cosine of the codes of
+    `baselines.sentence_sae` (pooled over chunks as `sentence_sae_pooling` says); `bm25` indexes its texts lexically.
     """
+    b = baselines or BaselineConfig()
     if kind in ("sae", "hybrid"):
         return IndexRetriever(index, kind, alpha)
     if kind in DENSE_KINDS:
-        return DenseRetriever.build(kind, index.texts, index.embedder, sentence_model, batch_size, show_progress_bar)
+        return DenseRetriever.build(kind, index.texts, index.embedder, b.sentence_model, batch_size,
+                                    show_progress_bar)
+    if kind == "sae_sentence":
+        from saefeat.embed.vectorizers import SentenceSAEVectorizer
+
+        vec = SentenceSAEVectorizer(sae=b.sentence_sae, model=b.sentence_model, pooling=b.sentence_sae_pooling,
+                                    batch_size=batch_size, show_progress_bar=show_progress_bar)
+        docs = vec.transform(index.texts).toarray()
+        return DenseRetriever(DenseSide.from_vectors(docs), lambda queries: vec.transform(queries).toarray())
     if kind == "bm25":
         return BM25().fit(index.texts)
     raise SaefeatError(f"unknown retriever {kind!r}; valid: {', '.join(RETRIEVERS)}")

@@ -35,8 +35,8 @@ FORMATS: tuple[Format, ...] = (native.FORMAT, gemmascope.FORMAT, saelens.FORMAT,
 
 __all__ = [
     "DEFAULTS_DIR", "FORMATS", "SAEFEAT_META", "SAEFEAT_WEIGHTS", "Format", "Parsed", "check_compatible",
-    "content_hash", "default_sae_path", "detect_format", "file_hash", "load_sae", "resolve_sae", "save_sae",
-    "shipped_sae_layers", "state_hash",
+    "content_hash", "default_sae_path", "detect_format", "file_hash", "load_sae", "resolve_sae", "sae_folder",
+    "save_sae", "shipped_sae_layers", "state_hash",
 ]
 
 
@@ -82,6 +82,12 @@ def default_sae_path(host: str, layer: int | None = None) -> Path:
                                f"{sorted(layers)} (sae=default picks the one for embed.layer; pass sae=PATH "
                                "for your own)")
     return layers[layer]
+
+
+def sae_folder(spec: str | Path, host: str, layer: int | None = None) -> Path:
+    """Where an SAE spec points: ``"default"`` is the folder shipped for `host` at `layer`, any other spec a
+    path as given."""
+    return default_sae_path(host, layer) if str(spec) == "default" else Path(spec)
 
 
 def shipped_sae_layers(host: str) -> dict[int, Path]:
@@ -179,9 +185,7 @@ def resolve_sae(spec: str | Path | SAE, host: str, device: str | torch.device | 
         if not spec.content_hash:
             spec.content_hash = state_hash(spec)
         return spec.to(device) if device is not None else spec
-    if str(spec) == "default":
-        return load_sae(default_sae_path(host, layer), device)
-    return load_sae(spec, device)
+    return load_sae(sae_folder(spec, host, layer), device)
 
 
 def check_compatible(sae: SAE, host_name: str, d_model: int, layer: int | None, site: str = "output") -> None:
