@@ -1,7 +1,7 @@
 """Toxicity filters on SAE features and SAE-based detoxifying steering ("Breaking Bad Tokens", arXiv 2505.14536).
 
-Part 1 compares toxicity filters over the `sae`, `dense`, `sentence` and `tfidf` representations on Jigsaw
-comments: a logistic regression per representation, its threshold chosen on a calibration split for a target
+Part 1 compares toxicity filters over the `sae`, `dense`, `sae_sentence`, `sentence` and `tfidf` representations on
+Jigsaw comments: a logistic regression per representation, its threshold chosen on a calibration split for a target
 precision at the natural toxic rate, and ROC-AUC / PR-AUC on a validation split subsampled to that rate.
 Part 2 ranks the toxic latents of the steering host's SAE (smollm2 by default) and steers generation from
 challenging RealToxicityPrompts prompts. The prompts are split (seeded) into a selection half and an evaluation
