@@ -69,7 +69,8 @@ def make_retriever(kind: str, index: SAEIndex, alpha: float = 0.5, baselines: Ba
 
     `sae` and `hybrid` search the index itself; `dense` and `sentence` encode its texts (the SAE's layer
     mean-pooled, or `baselines.sentence_model`); `sae_sentence` ranks by the cosine of the codes of
-    `baselines.sentence_sae` (pooled over chunks as `sentence_sae_pooling` says); `bm25` indexes its texts lexically.
+    `baselines.sentence_sae` (pooled over chunks as `sentence_sae_pooling` says), computed with the index's own
+    embedding settings (device, precision, backend, cache); `bm25` indexes its texts lexically.
     """
     b = baselines or BaselineConfig()
     if kind in ("sae", "hybrid"):
@@ -78,10 +79,10 @@ def make_retriever(kind: str, index: SAEIndex, alpha: float = 0.5, baselines: Ba
         return DenseRetriever.build(kind, index.texts, index.embedder, b.sentence_model, batch_size,
                                     show_progress_bar)
     if kind == "sae_sentence":
-        from saefeat.embed.vectorizers import SentenceSAEVectorizer
+        from saefeat.representations import make_representation
 
-        vec = SentenceSAEVectorizer(sae=b.sentence_sae, model=b.sentence_model, pooling=b.sentence_sae_pooling,
-                                    batch_size=batch_size, show_progress_bar=show_progress_bar)
+        embed = index.embedder.config.replace(batch_size=batch_size, show_progress_bar=show_progress_bar)
+        vec = make_representation("sae_sentence", embed, b)
         docs = vec.transform(index.texts).toarray()
         return DenseRetriever(DenseSide.from_vectors(docs), lambda queries: vec.transform(queries).toarray())
     if kind == "bm25":
