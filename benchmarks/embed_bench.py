@@ -2,6 +2,7 @@
 
     python benchmarks/embed_bench.py [--n-docs 2000] [--repeats 3] [--precision auto|fp32|bf16|int8]
                                      [--backend auto|torch|onnx] [--device cpu|cuda] [--drift-docs 2000]
+                                     [--layer 3]
 
 Throughput is measured in one process with the cache off, after a warm-up batch: the documents are cut into
 slices, and each slice goes through every representation back to back (in rotating order), for `--repeats`
@@ -45,11 +46,12 @@ NAMES = {"sentence": "sentence-transformers", "sentence-onnx-int8": "sentence-tr
          "dense": "dense (layer {layer}, mean)", "sae": "sae (layer {layer}, max)"}
 
 
-def default_sae_shape() -> tuple[int, int]:
-    """(layer, width) of the SAE shipped for minilm, the one every section measures."""
+def default_sae_shape(layer: int | None = None) -> tuple[int, int]:
+    """(layer, width) of the SAE shipped for minilm at `layer` (None: its default), the one every section
+    measures."""
     from saefeat.sae.formats import resolve_sae
 
-    sae = resolve_sae("default", "minilm")
+    sae = resolve_sae("default", "minilm", layer=layer)
     return int(sae.cfg.layer), int(sae.d_sae)
 
 
@@ -71,7 +73,7 @@ class Runners:
     """The representations over the same documents: loaded once, cache off."""
 
     def __init__(self, device: str | None, precision: str, backend: str, batch_size: int,
-                 kinds: tuple[str, ...] = KINDS):
+                 kinds: tuple[str, ...] = KINDS, layer: int | None = None):
         from saefeat.device import resolve_device
         from saefeat.embed.embedder import SAEEmbedder
         from saefeat.hosts import get_host
@@ -79,7 +81,7 @@ class Runners:
         self.device, self.batch_size = resolve_device(device), batch_size
         self.host = get_host("minilm", self.device)
         if "dense" in kinds or "sae" in kinds:
-            self.emb = SAEEmbedder("minilm", sae="default", device=self.device, cache_dir=False,
+            self.emb = SAEEmbedder("minilm", sae="default", layer=layer, device=self.device, cache_dir=False,
                                    precision=precision, backend=backend)
         if "sentence" in kinds or "sentence-onnx-int8" in kinds:
             from sentence_transformers import SentenceTransformer
@@ -122,7 +124,7 @@ def throughput(a: argparse.Namespace) -> dict:
     import torch
 
     docs = load_docs(a.n_docs)
-    r = Runners(a.device, a.precision, a.backend, a.batch_size)
+    r = Runners(a.device, a.precision, a.backend, a.batch_size, layer=a.layer)
     kinds = [k for k in KINDS if k != "sentence-onnx-int8" or r.device.type == "cpu"]
     for kind in kinds:
         r.run(kind, docs[: a.batch_size])  # warm-up (and the one-time ONNX export)
@@ -142,7 +144,7 @@ def throughput(a: argparse.Namespace) -> dict:
 def peak_rss(kind: str, a: argparse.Namespace) -> dict:
     """Peak resident memory of a process that loads one representation and encodes all the documents."""
     docs = load_docs(a.n_docs)
-    Runners(a.device, a.precision, a.backend, a.batch_size, kinds=(kind,)).run(kind, docs)
+    Runners(a.device, a.precision, a.backend, a.batch_size, kinds=(kind,), layer=a.layer).run(kind, docs)
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -172,7 +174,7 @@ def drift(a: argparse.Namespace) -> list[dict]:
         print(f"drift: {backend}/{precision} ...", file=sys.stderr, flush=True)
         # "int8 host": the int8 host with the SAE step left in torch fp32, to show what each int8 part costs
         cls = SAEEmbedder if precision != "int8 host" else _torch_sae_step()
-        emb = cls("minilm", cache_dir=False, precision=precision.split()[0], backend=backend)
+        emb = cls("minilm", layer=a.layer, cache_dir=False, precision=precision.split()[0], backend=backend)
         t0 = time.perf_counter()
         X = emb.encode(texts, show_progress_bar=False).tocsr()
         secs = time.perf_counter() - t0
@@ -212,13 +214,13 @@ def topk_kernel(device) -> str:
     return "compiled kernel, " + ("AVX-512" if topk._topk.vectorised() else "portable C")
 
 
-def storage(n: int) -> dict:
+def storage(n: int, layer: int | None = None) -> dict:
     """Stored bytes per document: sparse SAE embeddings (max, topk k=64) vs the dense float32 embedding."""
     from saefeat.embed.embedder import SAEEmbedder
     from saefeat.embed.storage import stored_bytes
 
     docs = load_docs(n)
-    emb = SAEEmbedder("minilm", sae="default", pool_k=64)
+    emb = SAEEmbedder("minilm", sae="default", layer=layer, pool_k=64)
     X_max = emb.encode(docs, pooling="max", show_progress_bar=False)
     X_top = emb.encode(docs, pooling="topk", show_progress_bar=False)
     dense = emb.encode_dense(docs, show_progress_bar=False)
@@ -233,7 +235,8 @@ def storage(n: int) -> dict:
 
 def _in_subprocess(what: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--only", what, "--n-docs", str(a.n_docs), "--batch-size", str(a.batch_size),
-           "--precision", a.precision, "--backend", a.backend] + (["--device", a.device] if a.device else [])
+           "--precision", a.precision, "--backend", a.backend] + (["--device", a.device] if a.device else []) \
+        + (["--layer", str(a.layer)] if a.layer is not None else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -252,11 +255,13 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     p.add_argument("--drift-docs", type=int, default=2000, help="Jigsaw comments for the drift section; 0 skips it")
+    p.add_argument("--layer", type=int, default=None,
+                   help="the shipped minilm SAE at this layer (3: the one detox and shortcut read); default: layer 5")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-RSS and storage subprocesses")
     p.add_argument("--only", choices=[*KINDS, "storage"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.only:
-        print(json.dumps(storage(a.n_docs) if a.only == "storage" else peak_rss(a.only, a)))
+        print(json.dumps(storage(a.n_docs, a.layer) if a.only == "storage" else peak_rss(a.only, a)))
         return
     print(f"CPU: {cpu_description()}", file=sys.stderr, flush=True)
     rss, store = {}, None
@@ -267,8 +272,8 @@ def main() -> None:
     t = throughput(a)
     kinds = list(t["seconds"])
     tps = {kind: [t["tokens"][kind] / s_ for s_ in t["seconds"][kind]] for kind in kinds}
-    layer, width = default_sae_shape()
-    print(f"\nembed_bench: {a.n_docs} SciFact abstracts, minilm + default SAE (layer {layer}, d_sae {width}), "
+    layer, width = default_sae_shape(a.layer)
+    print(f"\nembed_bench: {a.n_docs} SciFact abstracts, minilm + shipped SAE (layer {layer}, d_sae {width}), "
           f"device={t['device']}, threads={t['threads']}, precision={a.precision}, backend={a.backend} "
           f"(ran: {t['runtime']}), batch={a.batch_size}, top-k: {t['topk']}; {a.repeats} rounds, each slice of "
           f"{a.slice_docs} documents through all in turn")

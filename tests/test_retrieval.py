@@ -295,3 +295,18 @@ def test_every_retriever_answers_text_queries_through_one_interface(index, corpu
     assert latent_contributions(sae, queries[:1], [np.array([top])], ["q0"], {"q0": {}}).empty
     with pytest.raises(ValueError, match="unknown retriever"):
         make_retriever("fancy", index)
+
+
+def test_sentence_side_runs_with_the_embedders_own_settings(corpus, tmp_path):
+    """The `sentence` dense side encodes with the index embedder's precision and backend (fp32 here), not the
+    CPU-dependent `auto` default: its vectors equal the fp32 sentence representation's."""
+    from saefeat.embed.config import EmbedConfig
+    from saefeat.representations import make_representation
+    from saefeat.retrieval.dense import encode_dense_side
+
+    _, texts = corpus
+    exact = get_embedder(model="minilm", sae="default", precision="fp32", backend="torch", cache_dir=False)
+    got = encode_dense_side("sentence", texts[:40], exact, batch_size=8, show_progress_bar=False)
+    ref = make_representation("sentence", EmbedConfig(precision="fp32", backend="torch", cache=False))
+    np.testing.assert_allclose(got, ref.transform(texts[:40]), atol=1e-5)
+    assert exact.config.precision == "fp32"

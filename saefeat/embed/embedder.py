@@ -297,7 +297,8 @@ class SAEEmbedder:
                        kinds: tuple[str, ...] = ("sae", "dense")) -> dict[str, TokenStats]:
         """Statistics of `texts` for each of `kinds` ("sae", "dense") from one pass of the host."""
         docs_ids = self.reader.token_ids(texts)
-        acc = StatsAccumulator(len(texts), self.host.d_model, self.d_sae if "sae" in kinds else None, self.device)
+        acc = StatsAccumulator(len(texts), self.host.d_model, self.d_sae if "sae" in kinds else None, self.device,
+                               dense="dense" in kinds)
         with self._cast_once():
             for doc, _, x in self.reader.batches(docs_ids, batch_size, bar):
                 acc.add_tokens(doc, x)

@@ -14,17 +14,20 @@ class StatsAccumulator:
     """Adds up the statistics every pooling needs for `n` documents, for the dense side (width `d_model`) and,
     when `d_sae` is given, the SAE latents. Statistics add exactly across windows."""
 
-    def __init__(self, n: int, d_model: int, d_sae: int | None, device: torch.device):
+    def __init__(self, n: int, d_model: int, d_sae: int | None, device: torch.device, dense: bool = True):
         self.n, self.d_sae = n, d_sae
         self.n_tok = torch.zeros(n, dtype=torch.long, device=device)
-        self.dense_sum = torch.zeros(n, d_model, device=device)
-        self.dense_max = torch.full((n, d_model), -torch.inf, device=device)
+        rows = n if dense else 0  # dense=False: token counts only (an SAE-only pass; ~7% of its time on CPU)
+        self.dense_sum = torch.zeros(rows, d_model, device=device)
+        self.dense_max = torch.full((rows, d_model), -torch.inf, device=device)
         width = n * d_sae if d_sae else 0
         self.sae_sum, self.sae_max, self.sae_cnt, self.sae_log1p = (torch.zeros(width, device=device) for _ in range(4))
 
     def add_tokens(self, doc: torch.Tensor, x: torch.Tensor) -> None:
         """Count the tokens of a batch and add their dense activations x (rows owned by documents `doc`)."""
         self.n_tok.index_add_(0, doc, torch.ones_like(doc))
+        if not len(self.dense_sum):
+            return
         # row-wise updates of (n, d): ~30x faster on CPU than the same scatter over a flat index
         self.dense_sum.index_add_(0, doc, x)
         self.dense_max.scatter_reduce_(0, doc[:, None].expand_as(x), x, reduce="amax")
@@ -37,6 +40,8 @@ class StatsAccumulator:
         self.sae_cnt.index_add_(0, flat, fired)
 
     def dense(self) -> TokenStats:
+        if len(self.dense_sum) != self.n:
+            raise RuntimeError("this accumulator was built with dense=False")
         dense_max = torch.where(torch.isinf(self.dense_max), torch.zeros_like(self.dense_max), self.dense_max)
         return TokenStats(self.n_tok.cpu().numpy(), self.dense_sum.cpu().numpy(), dense_max.cpu().numpy())
 

@@ -21,13 +21,16 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 def encode_dense_side(kind: str, texts: Sequence[str], embedder: Any, sentence_model: str = "minilm",
                       batch_size: int = 32, show_progress_bar: bool | None = None) -> np.ndarray:
-    """Dense vectors of `texts`: `sentence` (the full sentence-transformers model) or `dense` (the SAE's
-    layer, mean-pooled, from the same forward pass and cache as the SAE latents)."""
+    """Dense vectors of `texts`: `sentence` (the full sentence-transformers model, run with the embedder's own
+    device, precision, backend and cache) or `dense` (the SAE's layer, mean-pooled, from the same forward pass and
+    cache as the SAE latents)."""
     if kind == "sentence":
-        from saefeat.embed.vectorizers import SentenceVectorizer
+        from saefeat.embed.config import BaselineConfig
+        from saefeat.representations import make_representation
 
-        vec = SentenceVectorizer(model=sentence_model, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        return vec.transform(list(texts))
+        embed = embedder.config.replace(batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return make_representation("sentence", embed, BaselineConfig(sentence_model=sentence_model)).transform(
+            list(texts))
     if kind == "dense":
         return embedder.encode_dense(list(texts), pooling="mean", batch_size=batch_size,
                                      show_progress_bar=show_progress_bar)
