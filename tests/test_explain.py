@@ -340,13 +340,13 @@ def test_cards_shipped_beside_a_default_sae_are_read_only_fallbacks(tmp_path, mo
     assert not LatentStore.for_sae("other").exists
 
 
-@pytest.mark.parametrize("layer", [None, 3])
-def test_the_shipped_minilm_saes_have_their_cards_on_a_fresh_install(layer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model,layer", [("minilm", None), ("minilm", 3), ("smollm2", None)])
+def test_the_shipped_saes_have_their_cards_on_a_fresh_install(model, layer, tmp_path, monkeypatch):
     from saefeat.explain.store import LatentStore
     from saefeat.sae.formats import default_sae_path, load_sae
 
     monkeypatch.setenv("SAEFEAT_LATENTS", str(tmp_path / "none-built"))
-    sae = load_sae(default_sae_path("minilm", layer))
+    sae = load_sae(default_sae_path(model, layer))
     store = LatentStore.for_sae(sae.content_hash)
     assert store.read_only and store.meta["corpus"].startswith("gutenberg")  # public-domain text only
     cards = [c for c in store.cards(list(range(0, sae.d_sae, sae.d_sae // 16)), n_top=3) if c.top]
