@@ -387,15 +387,3 @@ def test_the_sentence_cache_key_follows_the_weights_and_the_length(tmp_path):
     assert a["fingerprint"] == b["fingerprint"] and a["max_seq_length"] == 256 and b["max_seq_length"] == 128
     assert cache.settings_hash(a) != cache.settings_hash(b | {"model": "minilm"})
 
-
-def test_sentence_vectorizers_of_one_model_share_its_loaded_weights():
-    """`sentence` and `sae_sentence` of one model (and a clone) share one SentenceTransformer per device, instead of
-    loading it once per vectorizer."""
-    from sklearn.base import clone
-
-    from saefeat.embed.vectorizers import SentenceSAEVectorizer, SentenceVectorizer
-
-    a = SentenceVectorizer("minilm", cache_dir=False)
-    b = SentenceSAEVectorizer(model="minilm", cache_dir=False)
-    assert a.st is b.st is clone(a).st
-    assert a.st.encode(["a shared model still encodes"]).shape == (1, 384)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,15 +115,6 @@ class DenseVectorizer(SAEVectorizer):
         return np.array([f"dim_{i}" for i in range(self.embedder.host.d_model)], dtype=object)
 
 
-@functools.cache
-def _sentence_transformer(path: str, device: str):
-    """A sentence-transformers model, loaded once per process and device (`sentence` and `sae_sentence`
-    vectorizers of the same model share it, as `get_host` shares hosts)."""
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(path, device=device)
-
-
 class SentenceVectorizer(_LazyModel):
     """Documents -> the full model's sentence embedding (sentence-transformers).
 
@@ -150,12 +140,14 @@ class SentenceVectorizer(_LazyModel):
     @property
     def st(self):
         if getattr(self, "_st", None) is None:
+            from sentence_transformers import SentenceTransformer
+
             from saefeat.hosts import resolve_host_path
 
             path, gguf = resolve_host_path(self.model)
             if gguf:
                 raise SaefeatError(f"{self.model!r} is a GGUF causal LM, not a sentence-transformers model")
-            self._st = _sentence_transformer(path, str(resolve_device(self.device)))
+            self._st = SentenceTransformer(path, device=str(resolve_device(self.device)))
         return self._st
 
     def _chunks(self, text: str) -> list[str]:
