@@ -386,4 +386,3 @@ def test_the_sentence_cache_key_follows_the_weights_and_the_length(tmp_path):
     a, b = SentenceVectorizer("minilm").cache_settings(), SentenceVectorizer(str(short)).cache_settings()
     assert a["fingerprint"] == b["fingerprint"] and a["max_seq_length"] == 256 and b["max_seq_length"] == 128
     assert cache.settings_hash(a) != cache.settings_hash(b | {"model": "minilm"})
-

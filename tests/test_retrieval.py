@@ -297,7 +297,7 @@ def test_every_retriever_answers_text_queries_through_one_interface(index, corpu
         make_retriever("fancy", index)
 
 
-def test_sentence_side_runs_with_the_embedders_own_settings(corpus, tmp_path):
+def test_sentence_side_runs_with_the_embedders_own_settings(corpus):
     """The `sentence` dense side encodes with the index embedder's precision and backend (fp32 here), not the
     CPU-dependent `auto` default: its vectors equal the fp32 sentence representation's."""
     from saefeat.embed.config import EmbedConfig

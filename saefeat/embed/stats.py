@@ -17,7 +17,8 @@ class StatsAccumulator:
     def __init__(self, n: int, d_model: int, d_sae: int | None, device: torch.device, dense: bool = True):
         self.n, self.d_sae = n, d_sae
         self.n_tok = torch.zeros(n, dtype=torch.long, device=device)
-        rows = n if dense else 0  # dense=False: token counts only (an SAE-only pass; ~7% of its time on CPU)
+        self.track_dense = dense  # False: token counts only (an SAE-only pass; ~7% of its time on CPU)
+        rows = n if dense else 0
         self.dense_sum = torch.zeros(rows, d_model, device=device)
         self.dense_max = torch.full((rows, d_model), -torch.inf, device=device)
         width = n * d_sae if d_sae else 0
@@ -26,7 +27,7 @@ class StatsAccumulator:
     def add_tokens(self, doc: torch.Tensor, x: torch.Tensor) -> None:
         """Count the tokens of a batch and add their dense activations x (rows owned by documents `doc`)."""
         self.n_tok.index_add_(0, doc, torch.ones_like(doc))
-        if not len(self.dense_sum):
+        if not self.track_dense:
             return
         # row-wise updates of (n, d): ~30x faster on CPU than the same scatter over a flat index
         self.dense_sum.index_add_(0, doc, x)
@@ -40,7 +41,7 @@ class StatsAccumulator:
         self.sae_cnt.index_add_(0, flat, fired)
 
     def dense(self) -> TokenStats:
-        if len(self.dense_sum) != self.n:
+        if not self.track_dense:
             raise RuntimeError("this accumulator was built with dense=False")
         dense_max = torch.where(torch.isinf(self.dense_max), torch.zeros_like(self.dense_max), self.dense_max)
         return TokenStats(self.n_tok.cpu().numpy(), self.dense_sum.cpu().numpy(), dense_max.cpu().numpy())

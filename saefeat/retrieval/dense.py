@@ -19,6 +19,16 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+def embedder_representation(name: str, embedder: Any, baselines: Any, batch_size: int,
+                            show_progress_bar: bool | None) -> Any:
+    """The representation `name` (`make_representation`) run with the embedder's own device, precision, backend and
+    cache, at this batch size and progress setting."""
+    from saefeat.representations import make_representation
+
+    embed = embedder.config.replace(batch_size=batch_size, show_progress_bar=show_progress_bar)
+    return make_representation(name, embed, baselines)
+
+
 def encode_dense_side(kind: str, texts: Sequence[str], embedder: Any, sentence_model: str = "minilm",
                       batch_size: int = 32, show_progress_bar: bool | None = None) -> np.ndarray:
     """Dense vectors of `texts`: `sentence` (the full sentence-transformers model, run with the embedder's own
@@ -26,11 +36,10 @@ def encode_dense_side(kind: str, texts: Sequence[str], embedder: Any, sentence_m
     cache as the SAE latents)."""
     if kind == "sentence":
         from saefeat.embed.config import BaselineConfig
-        from saefeat.representations import make_representation
 
-        embed = embedder.config.replace(batch_size=batch_size, show_progress_bar=show_progress_bar)
-        return make_representation("sentence", embed, BaselineConfig(sentence_model=sentence_model)).transform(
-            list(texts))
+        vec = embedder_representation("sentence", embedder, BaselineConfig(sentence_model=sentence_model), batch_size,
+                                      show_progress_bar)
+        return vec.transform(list(texts))
     if kind == "dense":
         return embedder.encode_dense(list(texts), pooling="mean", batch_size=batch_size,
                                      show_progress_bar=show_progress_bar)

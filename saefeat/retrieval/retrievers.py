@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from saefeat.embed.config import BaselineConfig
 from saefeat.errors import SaefeatError
-from saefeat.retrieval.dense import DENSE_KINDS, DenseRetriever, DenseSide
+from saefeat.retrieval.dense import DENSE_KINDS, DenseRetriever, DenseSide, embedder_representation
 from saefeat.retrieval.evaluation import BM25
 from saefeat.retrieval.index import MODES, SAEIndex
 
@@ -79,10 +79,7 @@ def make_retriever(kind: str, index: SAEIndex, alpha: float = 0.5, baselines: Ba
         return DenseRetriever.build(kind, index.texts, index.embedder, b.sentence_model, batch_size,
                                     show_progress_bar)
     if kind == "sae_sentence":
-        from saefeat.representations import make_representation
-
-        embed = index.embedder.config.replace(batch_size=batch_size, show_progress_bar=show_progress_bar)
-        vec = make_representation("sae_sentence", embed, b)
+        vec = embedder_representation("sae_sentence", index.embedder, b, batch_size, show_progress_bar)
         docs = vec.transform(index.texts).toarray()
         return DenseRetriever(DenseSide.from_vectors(docs), lambda queries: vec.transform(queries).toarray())
     if kind == "bm25":
