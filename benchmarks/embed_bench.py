@@ -263,6 +263,12 @@ def main() -> None:
     if a.only:
         print(json.dumps(storage(a.n_docs, a.layer) if a.only == "storage" else peak_rss(a.only, a)))
         return
+    from saefeat.errors import SaefeatError
+
+    try:  # a layer nothing ships for is refused here, in one line, before any timing
+        layer, width = default_sae_shape(a.layer)
+    except SaefeatError as e:
+        raise SystemExit(f"embed_bench: {e}") from None
     print(f"CPU: {cpu_description()}", file=sys.stderr, flush=True)
     rss, store = {}, None
     if not a.skip_memory:
@@ -272,7 +278,6 @@ def main() -> None:
     t = throughput(a)
     kinds = list(t["seconds"])
     tps = {kind: [t["tokens"][kind] / s_ for s_ in t["seconds"][kind]] for kind in kinds}
-    layer, width = default_sae_shape(a.layer)
     print(f"\nembed_bench: {a.n_docs} SciFact abstracts, minilm + shipped SAE (layer {layer}, d_sae {width}), "
           f"device={t['device']}, threads={t['threads']}, precision={a.precision}, backend={a.backend} "
           f"(ran: {t['runtime']}), batch={a.batch_size}, top-k: {t['topk']}; {a.repeats} rounds, each slice of "
